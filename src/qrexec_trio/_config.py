@@ -1,0 +1,55 @@
+"""Every timeout and limit in one place.
+
+Each wait in qrexec-trio is bounded by one of these. Defaults follow the
+reference implementation; each can be overridden from the environment
+(``QREXEC_TIMEOUT_<NAME>`` in seconds) so that tests and operators tune them
+without touching code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    #: qrexec-client waits this long for the agent to connect its data vchan (``-w``).
+    data_vchan_accept: float = 10.0
+    #: The agent's data vchan client gives up connecting after this long.
+    data_vchan_connect: float = 120.0
+    #: HELLO exchange on any link.
+    handshake: float = 10.0
+    #: qrexec-daemon waits this long for the agent at start-up (QREXEC_STARTUP_TIMEOUT).
+    startup: float = 60.0
+    #: Pause between control-vchan reconnection attempts after the agent went away.
+    reconnect_backoff: float = 0.5
+    #: A client of the daemon must send its request within this long.
+    client_request: float = 10.0
+    #: Cleanup (closing links, killing process groups) may take at most this long.
+    cleanup: float = 5.0
+    #: After SIGTERM to a process group, wait this long before SIGKILL.
+    kill_grace: float = 2.0
+    #: A frame whose sending was interrupted by cancellation may take this long to finish.
+    send_finish: float = 2.0
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Timeouts:
+        env = os.environ if environ is None else environ
+        values: dict[str, float] = {}
+        for field in dataclasses.fields(cls):
+            raw = env.get(f"QREXEC_TIMEOUT_{field.name.upper()}")
+            if raw is not None:
+                try:
+                    values[field.name] = float(raw)
+                except ValueError:
+                    raise ValueError(
+                        f"QREXEC_TIMEOUT_{field.name.upper()}={raw!r} is not a number"
+                    ) from None
+        if "QREXEC_STARTUP_TIMEOUT" in env and "startup" not in values:
+            values["startup"] = float(env["QREXEC_STARTUP_TIMEOUT"])
+        return cls(**values)
+
+    def replace(self, **changes: float) -> Timeouts:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,114 @@
+"""Child processes that die with their connection.
+
+Every child runs in its own process group, so that a service's own children
+can be found again. :func:`child_process` ties the group to a scope: if the
+scope is left by an exception or cancellation, the whole group gets SIGTERM,
+then SIGKILL after a grace period, and the child is reaped; all of it shielded
+and bounded, so that cleanup can neither be skipped nor hang.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from .._config import Timeouts
+from .._logging import get_logger
+
+log = get_logger(__name__)
+
+
+def exit_status(returncode: int) -> int:
+    """A returncode as qrexec reports it: the exit status, or 128+N for signal N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _signal_group(proc: trio.Process, sig: signal.Signals) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        # The group may hold a setuid child we cannot signal; the leader is ours.
+        if proc.returncode is None:
+            proc.send_signal(sig)
+
+
+async def terminate_group(proc: trio.Process, timeouts: Timeouts) -> None:
+    """SIGTERM the group, wait, SIGKILL it, reap the leader. Shielded and bounded."""
+    with trio.CancelScope(shield=True):
+        _signal_group(proc, signal.SIGTERM)
+        with trio.move_on_after(timeouts.kill_grace):
+            await proc.wait()
+        # Even if the leader is gone, members of its group may not be.
+        _signal_group(proc, signal.SIGKILL)
+        with trio.move_on_after(timeouts.cleanup):
+            await proc.wait()
+        if proc.returncode is None:
+            log.error("child did not die after SIGKILL", pid=proc.pid)
+
+
+async def _close_pipes(proc: trio.Process) -> None:
+    for stream in (proc.stdin, proc.stdout, proc.stderr):
+        if stream is not None:
+            await trio.aclose_forcefully(stream)
+
+
+@asynccontextmanager
+async def child_process(
+    argv: Sequence[str | bytes],
+    *,
+    timeouts: Timeouts,
+    env: Mapping[str, str] | None = None,
+    cwd: str | None = None,
+    stdin: int | None = subprocess.PIPE,
+    stdout: int | None = subprocess.PIPE,
+    stderr: int | None = subprocess.PIPE,
+    executable: str | None = None,
+    user: int | None = None,
+    group: int | None = None,
+    extra_groups: Sequence[int] | None = None,
+) -> AsyncIterator[trio.Process]:
+    """Start ``argv`` in a new process group; kill the group if the scope fails.
+
+    Raises :class:`OSError` if the program cannot be started (``FileNotFoundError``
+    when it does not exist). On a normal exit from the scope, a child that is
+    still running is terminated too: a connection never leaves one behind.
+    """
+    options: dict[str, Any] = {}
+    if user is not None:
+        options["user"] = user
+    if group is not None:
+        options["group"] = group
+    if extra_groups is not None:
+        options["extra_groups"] = list(extra_groups)
+    proc = await trio.lowlevel.open_process(
+        list(argv),
+        stdin=stdin,
+        stdout=stdout,
+        stderr=stderr,
+        env=env,
+        cwd=cwd,
+        executable=executable,
+        process_group=0,
+        close_fds=True,
+        **options,
+    )
+    try:
+        yield proc
+    except BaseException:
+        # Failed or cancelled: the whole group goes, even if the leader already exited.
+        with trio.CancelScope(shield=True):
+            await _close_pipes(proc)
+            await terminate_group(proc, timeouts)
+        raise
+    with trio.CancelScope(shield=True):
+        await _close_pipes(proc)
+        if proc.returncode is None:
+            await terminate_group(proc, timeouts)

@@ -1,0 +1,248 @@
+"""The data pump: one data vchan <-> the local end of a call (wire-protocol.md §11).
+
+Two roles, one module:
+
+* :func:`serve_data` is the **service side**: it feeds MSG_DATA_STDIN to the
+  service, sends its stdout and stderr, both EOF markers, and the exit code
+  once both outputs ended *and* the service exited.
+* :func:`call_data` is the **caller side**: it sends local input as
+  MSG_DATA_STDIN (then an empty one as EOF), writes remote stdout and stderr
+  locally, and returns the remote exit status.
+
+Backpressure is end to end: we read the next message only after the previous
+one was written locally, and read local data only after the previous chunk
+went into the vchan, so memory per connection stays bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from .._logging import get_logger
+from ..protocol import (
+    ExitCode,
+    MsgType,
+    decode_exit_code,
+    encode_exit_code,
+    filter_escape_chars,
+    max_data_chunk,
+)
+from ._errors import one_error
+from ._link import FramedLink
+
+log = get_logger(__name__)
+
+
+class PeerGone(Exception):
+    """The other end of the data vchan closed before the call was complete."""
+
+
+async def _noop() -> None:
+    await trio.lowlevel.checkpoint()
+
+
+@dataclass
+class ServiceEnd:
+    """What runs the service locally, as the pump sees it."""
+
+    #: Where MSG_DATA_STDIN goes (a pipe or a socket); ``None`` drops it.
+    input: trio.abc.SendStream | None
+    #: The service's output, sent as MSG_DATA_STDOUT.
+    output: trio.abc.ReceiveStream
+    #: The service's stderr, sent as MSG_DATA_STDERR; ``None`` for services
+    #: without one (socket services, dom0 services): they send an empty
+    #: MSG_DATA_STDERR first, as the reference does.
+    errors: trio.abc.ReceiveStream | None
+    #: Waits for the service to finish and returns its exit status.
+    wait: Callable[[], Awaitable[int]]
+    #: Ends the service's input (close the pipe, or shut down a socket's write side).
+    close_input: Callable[[], Awaitable[None]] = _noop
+
+
+async def _send_output(
+    source: trio.abc.ReceiveStream, link: FramedLink, msg_type: MsgType
+) -> None:
+    while True:
+        try:
+            data = await source.receive_some(link.data_chunk_size())
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            data = b""
+        await link.send(msg_type, data)
+        if not data:
+            return
+
+
+async def _feed_input(link: FramedLink, end: ServiceEnd) -> None:
+    """Caller's MSG_DATA_STDIN -> the service, until the service is done with it."""
+    input_open = end.input is not None
+    while True:
+        message = await link.receive()
+        if message is None:
+            raise PeerGone("caller closed the data vchan before the exit code")
+        if not input_open:
+            continue  # after STDIN EOF, or once the service exited, data is dropped
+        if not message.payload:
+            input_open = False
+            await end.close_input()
+            continue
+        assert end.input is not None
+        try:
+            await end.input.send_all(message.payload)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # The service stopped reading (or exited): drop the rest, as the reference does.
+            input_open = False
+
+
+async def serve_data(link: FramedLink, end: ServiceEnd) -> int:
+    """Run the service side of the data phase; return the exit status it reported.
+
+    Raises :class:`PeerGone` if the caller vanished before the exit code, so
+    that the connection scope kills the service.
+    """
+    if end.errors is None:
+        await link.send(MsgType.DATA_STDERR, b"")
+    with one_error():
+        return await _serve_data(link, end)
+
+
+async def _serve_data(link: FramedLink, end: ServiceEnd) -> int:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_feed_input, link, end)
+        status = 0
+        async with trio.open_nursery() as outputs:
+            outputs.start_soon(_send_output, end.output, link, MsgType.DATA_STDOUT)
+            if end.errors is not None:
+                outputs.start_soon(_send_output, end.errors, link, MsgType.DATA_STDERR)
+            status = await end.wait()
+            # The service exited: its input is closed at once, pending data dropped.
+            await end.close_input()
+        await link.send(MsgType.DATA_EXIT_CODE, encode_exit_code(status))
+        nursery.cancel_scope.cancel()
+    return status
+
+
+async def send_spawn_failure(link: FramedLink, status: int) -> None:
+    """The agent's answer when the service cannot start: both EOFs, then the status."""
+    await link.send(MsgType.DATA_STDOUT, b"")
+    await link.send(MsgType.DATA_STDERR, b"")
+    await link.send(MsgType.DATA_EXIT_CODE, encode_exit_code(status))
+
+
+@dataclass
+class CallerEnd:
+    """The caller's local side: where input comes from and output goes."""
+
+    #: Local data to send as MSG_DATA_STDIN; ``None`` sends EOF at once.
+    input: trio.abc.ReceiveStream | None
+    #: Where remote stdout goes.
+    output: trio.abc.SendStream
+    #: Where remote stderr goes; ``None`` drops it.
+    errors: trio.abc.SendStream | None
+    #: Called at remote stdout EOF (closes the local program's stdin, ...).
+    close_output: Callable[[], Awaitable[None]] = _noop
+    #: Sent before any local input (``--prefix-data``).
+    prefix: bytes = b""
+    filter_stdout: bool = False
+    filter_stderr: bool = False
+    #: Set once STDIN EOF has been sent.
+    _input_done: bool = field(default=False, init=False)
+
+
+async def _send_input(link: FramedLink, end: CallerEnd) -> None:
+    try:
+        await _send_input_until_eof(link, end)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        # The service side may finish (and close) without reading our input,
+        # as a service that does not exist does. Its messages are still
+        # buffered for the receiving loop, which decides how the call ended.
+        end._input_done = True
+
+
+async def _send_input_until_eof(link: FramedLink, end: CallerEnd) -> None:
+    chunk = max_data_chunk(link.version or 2)
+    for start in range(0, len(end.prefix), chunk):
+        await link.send(MsgType.DATA_STDIN, end.prefix[start : start + chunk])
+    if end.input is not None:
+        while True:
+            try:
+                data = await end.input.receive_some(link.data_chunk_size())
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                break
+            await link.send(MsgType.DATA_STDIN, data)
+    end._input_done = True
+    await link.send(MsgType.DATA_STDIN, b"")
+
+
+async def _write_local(
+    stream: trio.abc.SendStream | None, data: bytes, *, filtered: bool
+) -> trio.abc.SendStream | None:
+    """Write to a local stream; a local reader that went away stops getting data."""
+    if stream is None:
+        return None
+    try:
+        await stream.send_all(filter_escape_chars(data) if filtered else data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return None
+    return stream
+
+
+async def call_data(link: FramedLink, end: CallerEnd, *, finish_timeout: float = 2.0) -> int:
+    """Run the caller side of the data phase.
+
+    Returns the remote exit status, or -1 if the vchan closed before one came.
+    """
+    with one_error():
+        status = await _call_data(link, end)
+    if status is None:
+        return -1
+    if not end._input_done:
+        # Best effort, as the reference: the service side may already have closed.
+        with trio.move_on_after(finish_timeout):
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await link.send(MsgType.DATA_STDIN, b"")
+    return status
+
+
+async def _call_data(link: FramedLink, end: CallerEnd) -> int | None:
+    status: int | None = None
+    output: trio.abc.SendStream | None = end.output
+    errors = end.errors
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_send_input, link, end)
+        while status is None:
+            message = await link.receive()
+            if message is None:
+                break
+            if message.type == MsgType.DATA_STDOUT:
+                if message.payload:
+                    output = await _write_local(
+                        output, message.payload, filtered=end.filter_stdout
+                    )
+                elif output is not None:
+                    output = None
+                    await end.close_output()
+            elif message.type == MsgType.DATA_STDERR:
+                if message.payload:  # an empty one is the stderr EOF marker: nothing to do
+                    errors = await _write_local(
+                        errors, message.payload, filtered=end.filter_stderr
+                    )
+            else:  # MSG_DATA_EXIT_CODE: the reader lets nothing else through
+                status = decode_exit_code(message.payload)
+        # The call is over: stop reading local input.
+        nursery.cancel_scope.cancel()
+    return status
+
+
+def caller_exit_code(remote_status: int, local_status: int | None) -> int:
+    """qrexec's rule: the remote status if non-zero, else the local program's, else 0."""
+    if remote_status < 0:
+        return int(ExitCode.CONNECTION_LOST)
+    if remote_status != 0:
+        return remote_status & 0xFF
+    return local_status or 0

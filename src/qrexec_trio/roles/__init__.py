@@ -1,0 +1,1 @@
+"""The programs: thin modules wiring the protocol, vchans and nursery together."""

@@ -1,0 +1,89 @@
+"""What every program's ``main`` shares: logging options and signal-aware running."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import NoReturn
+
+import trio
+from trio.lowlevel import FdStream
+
+from .._logging import LEVELS, configure_logging
+from ..nursery import one_error
+
+
+def add_logging_options(parser: argparse.ArgumentParser, default: str = "info") -> None:
+    parser.add_argument(
+        "--log-level", choices=LEVELS, default=default, help=f"log threshold (default {default})"
+    )
+    parser.add_argument(
+        "--log-format", choices=("auto", "json", "console"), default="auto",
+        help="auto: console on a terminal, JSON lines elsewhere",
+    )
+
+
+def setup_logging(args: argparse.Namespace, program: str) -> None:
+    json = {"auto": None, "json": True, "console": False}[args.log_format]
+    configure_logging(args.log_level, json=json, program=program)
+
+
+async def _until_signalled(scope: trio.CancelScope, received: list[int]) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            received.append(signum)
+            scope.cancel()
+            return
+
+
+def run_until_signal(
+    main: Callable[[], Awaitable[int]], *, stopped_status: int | None = None
+) -> int:
+    """Run ``main`` under trio; SIGTERM, SIGINT or SIGHUP cancel it cleanly.
+
+    Returns ``main``'s result, or if signal N stopped it ``stopped_status``
+    (daemons: a requested stop is a clean exit) or else 128+N.
+    """
+    received: list[int] = []
+
+    async def runner() -> int:
+        result = 0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_until_signalled, nursery.cancel_scope, received)
+            result = await main()
+            nursery.cancel_scope.cancel()
+        return result
+
+    with one_error():
+        result = trio.run(runner)
+    if not received:
+        return result
+    return stopped_status if stopped_status is not None else 128 + received[0]
+
+
+class UsageExit1Parser(argparse.ArgumentParser):
+    """argparse, but usage errors exit 1 as the reference programs do (argparse uses 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(1, f"{self.prog}: error: {message}\n")
+
+
+@contextlib.asynccontextmanager
+async def local_stdio() -> AsyncIterator[tuple[FdStream, FdStream, FdStream]]:
+    """This process's stdin, stdout and stderr as trio streams.
+
+    The streams own duplicates of fds 0-2: trio makes them non-blocking while
+    we run and restores their mode when they are closed.
+    """
+    streams = [FdStream(os.dup(fd)) for fd in (0, 1, 2)]
+    try:
+        yield streams[0], streams[1], streams[2]
+    finally:
+        with trio.CancelScope(shield=True):
+            for stream in streams:
+                await stream.aclose()

@@ -1,0 +1,54 @@
+"""Data-port allocation of a qrexec-daemon (wire-protocol.md §8).
+
+Pure bookkeeping, no I/O. A port is 513 + i for a slot i in [0, 256); each slot
+remembers the domain it was given for, and is freed only by a
+MSG_CONNECTION_TERMINATED naming that same (domain, port).
+"""
+
+from __future__ import annotations
+
+from typing import final
+
+from ..protocol import FIRST_DATA_PORT, MAX_DATA_PORTS
+
+
+@final
+class PortTable:
+    def __init__(self, own_domain: int) -> None:
+        self.own_domain = own_domain
+        self._owner: list[int | None] = [None] * MAX_DATA_PORTS
+
+    def allocate(self, connect_domain: int) -> int | None:
+        """A free port for a connection with ``connect_domain``, or ``None`` if all are taken.
+
+        dom0 connections take the first free slot. VM-to-VM connections use the
+        parity split: the daemon of the lower domid takes odd slots for a higher
+        peer, the higher one even slots for a lower peer, so the two daemons of
+        one VM pair never hand out the same port.
+        """
+        if connect_domain == 0:
+            start, step = 0, 1
+        else:
+            start, step = (1 if connect_domain > self.own_domain else 0), 2
+        for slot in range(start, MAX_DATA_PORTS, step):
+            if self._owner[slot] is None:
+                self._owner[slot] = connect_domain
+                return FIRST_DATA_PORT + slot
+        return None
+
+    def release(self, connect_domain: int, port: int) -> bool:
+        """Free ``port`` if it was allocated for ``connect_domain``; False if nothing matched."""
+        slot = port - FIRST_DATA_PORT
+        if not 0 <= slot < MAX_DATA_PORTS or self._owner[slot] != connect_domain:
+            return False
+        self._owner[slot] = None
+        return True
+
+    def in_use(self) -> list[int]:
+        return [FIRST_DATA_PORT + i for i, owner in enumerate(self._owner) if owner is not None]
+
+    def clear(self) -> list[int]:
+        """Free every port (the agent restarted); returns the ports that were in use."""
+        used = self.in_use()
+        self._owner = [None] * MAX_DATA_PORTS
+        return used

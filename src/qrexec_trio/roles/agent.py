@@ -1,0 +1,243 @@
+"""qrexec-agent: the VM side.
+
+It offers the control vchan to dom0 (port 512), says HELLO, and for each
+MSG_EXEC_CMDLINE / MSG_JUST_EXEC runs one connection: connect the data vchan,
+HELLO, run the command, pump data, report the exit code, and tell dom0 with
+MSG_CONNECTION_TERMINATED. Every connection is a nursery task of the agent;
+cancelling it kills the command's process group.
+
+When dom0's daemon goes away the agent keeps its running connections and
+offers the control vchan again, as the reference does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Final
+
+import structlog
+import trio
+
+from .._config import Timeouts
+from .._logging import get_logger
+from .._systemd import sd_notify
+from ..nursery import (
+    FramedLink,
+    PeerGone,
+    open_service,
+    send_spawn_failure,
+    serve_data,
+    spawn_detached,
+)
+from ..protocol import (
+    CONTROL_RING_SIZE,
+    PROTOCOL_VERSION,
+    VCHAN_BASE_PORT,
+    Direction,
+    ExecParams,
+    ExitCode,
+    Message,
+    MsgType,
+    ProtocolError,
+    decode_exec_request,
+    decode_service_connect,
+    decode_service_refused,
+    encode_exit_code,
+    negotiate_version,
+    parse_cmdline,
+)
+from ..services import LaunchError, Plan, ProgramPlan, Runner, service_path
+from ..xen import VchanBackend, VchanError, get_backend
+from ._cli import add_logging_options, run_until_signal, setup_logging
+
+log = get_logger(__name__)
+
+DEFAULT_RUNTIME_DIR: Final = "/var/run/qubes"
+
+
+class Agent:
+    def __init__(
+        self,
+        backend: VchanBackend,
+        runner: Runner,
+        *,
+        timeouts: Timeouts,
+        runtime_dir: str = DEFAULT_RUNTIME_DIR,
+    ) -> None:
+        self.backend = backend
+        self.runner = runner
+        self.timeouts = timeouts
+        self.runtime_dir = runtime_dir
+        self._control: FramedLink | None = None
+        self._ready_sent = False
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve dom0 until cancelled. ``started`` fires once the first daemon is connected."""
+        async with trio.open_nursery() as connections:
+            while True:
+                await self._serve_control_link(connections, task_status)
+
+    async def _serve_control_link(
+        self, connections: trio.Nursery, task_status: trio.TaskStatus[None]
+    ) -> None:
+        listener = self.backend.listen(
+            0, VCHAN_BASE_PORT, read_min=CONTROL_RING_SIZE, write_min=CONTROL_RING_SIZE
+        )
+        log.info("offering control vchan", port=VCHAN_BASE_PORT)
+        # Waiting for dom0 has no end by design: the agent exists to be reached.
+        vchan = await listener.accept(timeout=0)
+        link = FramedLink(vchan, Direction.DAEMON_TO_AGENT)
+        try:
+            with trio.fail_after(self.timeouts.handshake):
+                await link.send_hello(PROTOCOL_VERSION)
+                version = negotiate_version(PROTOCOL_VERSION, await link.receive_hello())
+            link.version = version
+            log.info("dom0 connected", version=version)
+            self._control = link
+            if not self._ready_sent:
+                self._ready_sent = True
+                sd_notify("READY=1")
+                task_status.started()
+            while (message := await link.receive()) is not None:
+                self._dispatch(connections, message)
+            log.warning("dom0 closed the control vchan; offering it again")
+        except (ProtocolError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+            log.error("control link dropped", error=str(exc))
+        finally:
+            self._control = None
+            with trio.CancelScope(shield=True):
+                await link.aclose()
+
+    def _dispatch(self, connections: trio.Nursery, message: Message) -> None:
+        if message.type in (MsgType.EXEC_CMDLINE, MsgType.JUST_EXEC):
+            params = decode_exec_request(message.payload)
+            connections.start_soon(self._connection, connections, message.type, params)
+        elif message.type == MsgType.SERVICE_CONNECT:
+            connect = decode_service_connect(message.payload)
+            # Only VM-initiated calls have requests waiting for an answer, and
+            # this agent has made none: there is nothing to connect.
+            log.warning("SERVICE_CONNECT for a request this agent did not make",
+                        ident=connect.ident.decode())
+        elif message.type == MsgType.SERVICE_REFUSED:
+            ident = decode_service_refused(message.payload)
+            log.warning("SERVICE_REFUSED for a request this agent did not make",
+                        ident=ident.decode())
+
+    async def _send_control(self, msg_type: MsgType, payload: bytes) -> None:
+        link = self._control
+        if link is None:
+            log.warning("no control link; dropping message", type=msg_type.name)
+            return
+        try:
+            await link.send(msg_type, payload)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            log.warning("control link gone; dropping message", type=msg_type.name)
+
+    async def _connection(
+        self, background: trio.Nursery, msg_type: int, params: ExecParams
+    ) -> None:
+        just_exec = msg_type == MsgType.JUST_EXEC
+        with structlog.contextvars.bound_contextvars(
+            conn=f"{params.connect_domain}:{params.connect_port}",
+            domain=params.connect_domain,
+            port=params.connect_port,
+        ):
+            try:
+                await self._run_connection(background, params, just_exec=just_exec)
+            except PeerGone as exc:
+                log.warning("caller went away; service stopped", reason=str(exc))
+            except (VchanError, ProtocolError, trio.TooSlowError) as exc:
+                log.error("connection failed", error=str(exc))
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                log.warning("data vchan broke", error=str(exc) or type(exc).__name__)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._send_control(
+                        MsgType.CONNECTION_TERMINATED,
+                        ExecParams(params.connect_domain, params.connect_port).encode(),
+                    )
+
+    async def _run_connection(
+        self, background: trio.Nursery, params: ExecParams, *, just_exec: bool
+    ) -> None:
+        assert params.cmdline is not None
+        vchan = await self.backend.connect(
+            params.connect_domain, params.connect_port, timeout=self.timeouts.data_vchan_connect
+        )
+        link = FramedLink(vchan, Direction.CALLER_TO_SERVICE)
+        try:
+            with trio.fail_after(self.timeouts.handshake):
+                await link.exchange_hello(PROTOCOL_VERSION, send_first=True)
+            try:
+                plan = self.runner.plan(parse_cmdline(params.cmdline))
+            except ProtocolError as exc:
+                raise LaunchError(ExitCode.PROBLEM, f"bad cmdline: {exc}") from exc
+            log.info("running", what=plan.what, just_exec=just_exec)
+            if just_exec:
+                await self._just_exec(background, link, plan)
+                return
+            async with open_service(plan, self.timeouts) as end:
+                status = await serve_data(link, end)
+            log.info("finished", status=status)
+        except LaunchError as exc:
+            log.warning("cannot run command", status=exc.status, reason=exc.reason)
+            if just_exec:
+                await link.send(MsgType.DATA_EXIT_CODE, encode_exit_code(exc.status))
+            else:
+                await send_spawn_failure(link, exc.status)
+        finally:
+            with trio.CancelScope(shield=True):
+                await link.aclose()
+
+    async def _just_exec(self, background: trio.Nursery, link: FramedLink, plan: Plan) -> None:
+        if not isinstance(plan, ProgramPlan):
+            raise LaunchError(ExitCode.PROBLEM, "JUST_EXEC of a socket service")
+        # The command outlives its connection, but not the agent's nursery.
+        await background.start(spawn_detached, plan, self.timeouts)
+        await link.send(MsgType.DATA_EXIT_CODE, encode_exit_code(0))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qrexec-agent",
+        description="qrexec agent: serves dom0's qrexec-daemon inside a VM.",
+    )
+    parser.add_argument("--runtime-dir", default=DEFAULT_RUNTIME_DIR,
+                        help=f"runtime directory (default {DEFAULT_RUNTIME_DIR})")
+    parser.add_argument("--agent-socket", metavar="PATH",
+                        help="trigger socket for qrexec-client-vm "
+                        "(default RUNTIME_DIR/qrexec-agent)")
+    parser.add_argument("--no-fork-server", action="store_true",
+                        help="accepted for compatibility; this agent has no fork server")
+    parser.add_argument("--fork-server-socket", metavar="FMT",
+                        help="accepted for compatibility; this agent has no fork server")
+    add_logging_options(parser)
+    return parser
+
+
+async def run_agent(args: argparse.Namespace) -> int:
+    timeouts = Timeouts.from_env()
+    backend = get_backend(send_finish=timeouts.send_finish)
+    agent = Agent(backend, Runner(service_path()), timeouts=timeouts,
+                  runtime_dir=args.runtime_dir)
+    log.info("qrexec-agent starting", domain=backend.own_domain, backend=backend.name,
+             pid=os.getpid())
+    await agent.run()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args, "qrexec-agent")
+    try:
+        return run_until_signal(lambda: run_agent(args), stopped_status=0)
+    except VchanError as exc:
+        log.error("cannot start", error=str(exc))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""qrexec-trio: one command in front of all the programs."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+from .. import __version__
+from . import agent, client, daemon, demo
+
+
+def _programs() -> dict[str, tuple[Callable[[list[str]], int], str]]:
+    return {
+        "demo": (demo.main, "run the scripted dom0->VM demo in a temp dir"),
+        "daemon": (daemon.main, "qrexec-daemon (dom0, one per VM)"),
+        "client": (client.main, "qrexec-client (dom0)"),
+        "agent": (agent.main, "qrexec-agent (VM)"),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    programs = _programs()
+    if not args or args[0] in ("-h", "--help"):
+        print("usage: qrexec-trio COMMAND [ARGS...]\n\ncommands:")
+        for name, (_, about) in programs.items():
+            print(f"  {name:<8} {about}")
+        print("  version  print the version")
+        return 0 if args else 1
+    if args[0] in ("version", "--version"):
+        print(f"qrexec-trio {__version__}")
+        return 0
+    entry = programs.get(args[0])
+    if entry is None:
+        print(f"qrexec-trio: unknown command {args[0]!r} (see qrexec-trio --help)",
+              file=sys.stderr)
+        return 1
+    return entry[0](args[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

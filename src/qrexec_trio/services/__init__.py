@@ -1,0 +1,13 @@
+"""Service lookup and launch plans, shared by the agent and the multiplexer."""
+
+from ._lookup import DEFAULT_SERVICE_PATH as DEFAULT_SERVICE_PATH
+from ._lookup import FoundService as FoundService
+from ._lookup import LaunchError as LaunchError
+from ._lookup import ServiceKind as ServiceKind
+from ._lookup import find_service as find_service
+from ._lookup import service_path as service_path
+from ._plan import Identity as Identity
+from ._plan import Plan as Plan
+from ._plan import ProgramPlan as ProgramPlan
+from ._plan import Runner as Runner
+from ._plan import SocketPlan as SocketPlan

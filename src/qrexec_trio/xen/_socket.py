@@ -1,0 +1,226 @@
+"""A vchan over a unix socket: the local backend.
+
+Naming follows the socket libvchan that upstream qrexec tests with
+(``qubes-core-vchan-socket``), so that qrexec programs built against it talk
+to ours: the server binds ``$VCHAN_SOCKET_DIR/vchan.<server>.<client>.<port>.sock``
+and the client connects to it; the own domain id is ``$VCHAN_DOMAIN``. The
+bytes on the socket are exactly the bytes of the vchan, nothing added.
+
+The socket fd is the trio wait point, as the event-channel fd is for the
+cffi backends.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+from typing import Final, final
+
+import trio
+
+from ._interface import Vchan, VchanBackend, VchanConnectTimeout, VchanError, VchanListener
+
+DEFAULT_SOCKET_DIR: Final = "/var/run/vchan"
+# Upstream's client polls every 100 ms; we start faster and back off to that.
+_RETRY_FIRST: Final = 0.005
+_RETRY_MAX: Final = 0.1
+# What buffer_space() reports: the chunk limit of the protocol, since a
+# socket has no ring whose free space we could read.
+_SOCKET_SPACE: Final = 65536
+_RECEIVE_SIZE: Final = 65536 + 8
+
+
+def socket_name(server_domain: int, client_domain: int, port: int) -> str:
+    return f"vchan.{server_domain}.{client_domain}.{port}.sock"
+
+
+@final
+class SocketVchan(Vchan):
+    def __init__(self, sock: trio.socket.SocketType, peer_domain: int, port: int,
+                 send_finish: float) -> None:
+        self._sock = sock
+        self.peer_domain = peer_domain
+        self.port = port
+        self._send_finish = send_finish
+        self._closed = False
+        self._peer_gone = False
+        self._send_busy = trio.Lock()  # also serves as the one-sender conflict check
+
+    def buffer_space(self) -> int:
+        return _SOCKET_SPACE
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._send_busy.locked():
+            raise trio.BusyResourceError("another task is sending on this vchan")
+        async with self._send_busy:
+            await self._send_all_untorn(memoryview(data).cast("B"))
+
+    async def _send_all_untorn(self, view: memoryview) -> None:
+        self._check_open()
+        if not view:
+            await trio.lowlevel.checkpoint()
+            return
+        sent = 0
+        try:
+            while sent < len(view):
+                sent += await self._send_some(view[sent:])
+        except trio.Cancelled:
+            if sent == 0:
+                raise
+            # Half a frame is on the wire: finish it, within bounds, or give up the link.
+            with trio.CancelScope(shield=True), trio.move_on_after(self._send_finish):
+                while sent < len(view):
+                    sent += await self._send_some(view[sent:])
+            if sent < len(view):
+                self._abort()
+            raise
+
+    async def _send_some(self, view: memoryview) -> int:
+        try:
+            return await self._sock.send(view)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            self._peer_gone = True
+            raise trio.BrokenResourceError("vchan peer has gone") from exc
+        except OSError as exc:
+            if self._closed:
+                raise trio.ClosedResourceError("vchan was closed") from exc
+            raise trio.BrokenResourceError(f"vchan send failed: {exc}") from exc
+
+    async def wait_send_all_might_not_block(self) -> None:
+        self._check_open()
+        await self._sock.wait_writable()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        self._check_open()
+        try:
+            return await self._sock.recv(max_bytes or _RECEIVE_SIZE)
+        except ConnectionResetError:
+            # A peer that died with unread data in its queue resets the socket;
+            # for a vchan that is simply the end.
+            self._peer_gone = True
+            return b""
+        except OSError as exc:
+            if self._closed:
+                raise trio.ClosedResourceError("vchan was closed") from exc
+            raise
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("vchan was closed")
+
+    def _abort(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._sock.close()
+
+    async def aclose(self) -> None:
+        self._abort()
+        await trio.lowlevel.checkpoint()
+
+
+@final
+class SocketVchanListener(VchanListener):
+    def __init__(self, path: str, peer_domain: int, port: int, send_finish: float) -> None:
+        self.peer_domain = peer_domain
+        self.port = port
+        self._path = path
+        self._send_finish = send_finish
+        # Bind synchronously (a unix path needs no resolution), so the offer is
+        # in place before listen() returns and a client can never miss it.
+        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            _remove_stale_socket(path)
+            raw.bind(path)
+            raw.listen(1)
+        except OSError as exc:
+            raw.close()
+            raise VchanError(f"cannot offer vchan at {path}: {exc.strerror}") from exc
+        self._sock: trio.socket.SocketType | None = trio.socket.from_stdlib_socket(raw)
+
+    async def accept(self, timeout: float) -> Vchan:
+        if self._sock is None:
+            raise trio.ClosedResourceError("vchan listener is closed")
+        try:
+            with trio.fail_after(timeout or float("inf")):
+                conn, _ = await self._sock.accept()
+        except trio.TooSlowError:
+            raise VchanConnectTimeout(
+                f"domain {self.peer_domain} did not connect to vchan port {self.port} "
+                f"within {timeout:g}s"
+            ) from None
+        finally:
+            # One client per vchan: withdraw the name as soon as we have it (or gave up).
+            await self.aclose()
+        return SocketVchan(conn, self.peer_domain, self.port, self._send_finish)
+
+    async def aclose(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            _remove_stale_socket(self._path)
+        await trio.lowlevel.checkpoint()
+
+
+def _remove_stale_socket(path: str) -> None:
+    # Never unlink something that is not a socket: the directory is shared.
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+@final
+class SocketBackend(VchanBackend):
+    name = "socket"
+
+    def __init__(
+        self,
+        socket_dir: str | None = None,
+        own_domain: int | None = None,
+        *,
+        send_finish: float = 2.0,
+    ) -> None:
+        self.socket_dir = socket_dir or os.environ.get("VCHAN_SOCKET_DIR", DEFAULT_SOCKET_DIR)
+        if own_domain is None:
+            raw = os.environ.get("VCHAN_DOMAIN", "0")
+            try:
+                own_domain = int(raw)
+            except ValueError:
+                raise VchanError(f"VCHAN_DOMAIN={raw!r} is not a domain id") from None
+        self.own_domain = own_domain
+        self._send_finish = send_finish
+
+    def listen(
+        self, peer_domain: int, port: int, *, read_min: int = 65536, write_min: int = 65536
+    ) -> VchanListener:
+        path = os.path.join(self.socket_dir, socket_name(self.own_domain, peer_domain, port))
+        return SocketVchanListener(path, peer_domain, port, self._send_finish)
+
+    async def connect(self, peer_domain: int, port: int, *, timeout: float) -> Vchan:
+        path = os.path.join(self.socket_dir, socket_name(peer_domain, self.own_domain, port))
+        delay = _RETRY_FIRST
+        try:
+            with trio.fail_after(timeout or float("inf")):
+                while True:
+                    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    try:
+                        await sock.connect(path)
+                    except OSError as exc:
+                        sock.close()
+                        if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED):
+                            raise VchanError(f"cannot connect vchan {path}: {exc}") from exc
+                    except BaseException:
+                        sock.close()
+                        raise
+                    else:
+                        return SocketVchan(sock, peer_domain, port, self._send_finish)
+                    # The server has not offered the vchan yet: poll, as upstream does.
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, _RETRY_MAX)
+        except trio.TooSlowError:
+            raise VchanConnectTimeout(
+                f"no vchan offered by domain {peer_domain} on port {port} within {timeout:g}s"
+            ) from None

@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from harness import VM, Host, wait_for
+
+
+@pytest.fixture(params=[os.environ.get("QREXEC_VCHAN", "socket")])
+def host(request: pytest.FixtureRequest, short_tmp: Path) -> Iterator[Host]:
+    """A dom0 with no VMs yet; on teardown, proves nothing was left running."""
+    host = Host(short_tmp, backend=request.param)
+    try:
+        yield host
+    finally:
+        host.stop()
+        # Services are in their own process groups: give killed ones a moment to go.
+        try:
+            wait_for(lambda: not host.leftovers(), timeout=10, what="no leftover processes")
+        except AssertionError:
+            pytest.fail(f"processes left behind: {host.leftovers()}")
+
+
+@pytest.fixture
+def vm1(host: Host) -> VM:
+    """vm1 (domid 42) with its agent and daemon running, and a test.Echo service."""
+    vm = host.start_vm("vm1", 42)
+    vm.add_service("test.Echo", '#!/bin/sh\necho "arg=$1 src=$QREXEC_REMOTE_DOMAIN"\nexec cat\n')
+    return vm

@@ -1,0 +1,212 @@
+"""Runs the real programs as separate processes over a real vchan backend.
+
+A :class:`Host` is one machine's worth of qrexec: a dom0 and VMs, each VM an
+agent process with its own domain id and service dir, each with a
+qrexec-daemon in dom0. Every process carries a marker in its environment, so
+that a test can prove nothing it started (services included) is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+MARK_VAR = "QTRIO_TEST_MARK"
+BIN = Path(sys.executable).parent
+
+
+def program(name: str) -> str:
+    return str(BIN / name)
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def marked_processes(mark: str) -> list[psutil.Process]:
+    """Live processes whose environment carries ``mark``."""
+    found = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if proc.environ().get(MARK_VAR) == mark:
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def read_log(path: Path) -> list[dict]:
+    events = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                continue
+    return events
+
+
+@dataclass
+class VM:
+    host: Host
+    name: str
+    domid: int
+    user: str
+    service_dir: Path
+    runtime_dir: Path
+    agent: subprocess.Popen | None = None
+    daemon: subprocess.Popen | None = None
+
+    @property
+    def agent_log(self) -> Path:
+        return self.host.root / f"agent.{self.name}.log"
+
+    @property
+    def daemon_log(self) -> Path:
+        return self.host.root / f"daemon.{self.name}.log"
+
+    def add_service(self, name: str, script: str, mode: int = 0o755) -> Path:
+        path = self.service_dir / name
+        path.write_text(script)
+        path.chmod(mode)
+        return path
+
+    def start_agent(self) -> None:
+        env = self.host.env(self.domid, QREXEC_SERVICE_PATH=str(self.service_dir))
+        with open(self.agent_log, "ab") as log:
+            self.agent = subprocess.Popen(
+                [program("qrexec-agent"), "--runtime-dir", str(self.runtime_dir),
+                 "--log-level", "debug"],
+                env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+            )
+
+    def start_daemon(self, *extra: str) -> None:
+        env = self.host.env(0)
+        with open(self.daemon_log, "ab") as log:
+            self.daemon = subprocess.Popen(
+                [program("qrexec-daemon"), "--direct", "--socket-dir", str(self.host.socket_dir),
+                 "--log-level", "debug", *extra, str(self.domid), self.name, self.user],
+                env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+            )
+        wait_for(lambda: (self.host.socket_dir / f"qrexec.{self.domid}").exists()
+                 or self.daemon.poll() is not None, what=f"daemon of {self.name}")
+        assert self.daemon.poll() is None, self.daemon_log.read_text()
+
+    def kill_agent(self) -> None:
+        assert self.agent is not None
+        self.agent.kill()
+        self.agent.wait()
+
+    def client(self, cmdline: str, *options: str, input: bytes | None = b"",
+               timeout: float = 60, stdin=None) -> subprocess.CompletedProcess[bytes]:
+        """Run qrexec-client -d THIS_VM from dom0 and wait for it."""
+        kwargs: dict = {"input": input} if stdin is None else {"stdin": stdin}
+        return subprocess.run(
+            [program("qrexec-client"), "--socket-dir", str(self.host.socket_dir),
+             *options, "-d", self.name, cmdline],
+            env=self.host.env(0), capture_output=True, timeout=timeout, **kwargs,
+        )
+
+    def start_client(self, cmdline: str, *options: str, **popen) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [program("qrexec-client"), "--socket-dir", str(self.host.socket_dir),
+             *options, "-d", self.name, cmdline],
+            env=self.host.env(0), **popen,
+        )
+
+    def daemon_events(self, event: str | None = None) -> list[dict]:
+        events = read_log(self.daemon_log)
+        return [e for e in events if event is None or e.get("event") == event]
+
+    def agent_events(self, event: str | None = None) -> list[dict]:
+        events = read_log(self.agent_log)
+        return [e for e in events if event is None or e.get("event") == event]
+
+
+@dataclass
+class Host:
+    root: Path
+    backend: str = "socket"
+    mark: str = field(default_factory=lambda: uuid.uuid4().hex)
+    vms: dict[str, VM] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.vchan_dir.mkdir(parents=True, exist_ok=True)
+        self.socket_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def vchan_dir(self) -> Path:
+        return self.root / "v"
+
+    @property
+    def socket_dir(self) -> Path:
+        return self.root / "sd"
+
+    def env(self, domid: int, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("QREXEC", "VCHAN"))}
+        env.update(
+            VCHAN_DOMAIN=str(domid),
+            VCHAN_SOCKET_DIR=str(self.vchan_dir),
+            QREXEC_VCHAN=self.backend,
+            **{MARK_VAR: self.mark},
+        )
+        # Keep waits short so that a broken test fails fast instead of hanging.
+        env.setdefault("QREXEC_TIMEOUT_DATA_VCHAN_CONNECT", "20")
+        env.update(extra)
+        return env
+
+    def add_vm(self, name: str, domid: int, user: str | None = None) -> VM:
+        user = user or _current_user()
+        service_dir = self.root / f"rpc-{name}"
+        runtime_dir = self.root / f"run-{name}"
+        service_dir.mkdir()
+        runtime_dir.mkdir()
+        vm = VM(self, name, domid, user, service_dir, runtime_dir)
+        self.vms[name] = vm
+        return vm
+
+    def start_vm(self, name: str, domid: int, user: str | None = None) -> VM:
+        vm = self.add_vm(name, domid, user)
+        vm.start_agent()
+        vm.start_daemon()
+        return vm
+
+    def stop(self) -> None:
+        """Stop every daemon and agent (SIGTERM, then SIGKILL) and reap them."""
+        procs = [p for vm in self.vms.values() for p in (vm.daemon, vm.agent) if p is not None]
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def leftovers(self) -> list[str]:
+        """Processes this host started that are still alive."""
+        return [f"{p.pid} {' '.join(p.cmdline())}" for p in marked_processes(self.mark)]
+
+
+def _current_user() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.geteuid()).pw_name
