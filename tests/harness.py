@@ -97,7 +97,7 @@ class VM:
                 env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
             )
 
-    def start_daemon(self, *extra: str) -> None:
+    def start_daemon(self, *extra: str, wait: bool = True) -> None:
         env = self.host.env(0)
         with open(self.daemon_log, "ab") as log:
             self.daemon = subprocess.Popen(
@@ -105,6 +105,8 @@ class VM:
                  "--log-level", "debug", *extra, str(self.domid), self.name, self.user],
                 env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
             )
+        if not wait:
+            return
         wait_for(lambda: (self.host.socket_dir / f"qrexec.{self.domid}").exists()
                  or self.daemon.poll() is not None, what=f"daemon of {self.name}")
         assert self.daemon.poll() is None, self.daemon_log.read_text()
