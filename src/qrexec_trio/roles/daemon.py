@@ -25,7 +25,7 @@ import trio
 
 from .._config import Timeouts
 from .._logging import get_logger
-from ..nursery import FramedLink
+from ..nursery import FramedLink, one_error
 from ..protocol import (
     CLIENT_PROTOCOL_VERSION,
     FIRST_DATA_PORT,
@@ -402,10 +402,14 @@ async def _run_daemon(args: argparse.Namespace) -> int:
 
     async with trio.open_nursery() as nursery:
         try:
-            await nursery.start(serve)
+            with one_error():
+                await nursery.start(serve)
         except VchanConnectTimeout as exc:
             log.error("agent did not connect", error=str(exc))
             return 3
+        except (ProtocolError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+            log.error("agent handshake failed", error=str(exc) or type(exc).__name__)
+            return 1
         if ready_fd is not None:
             os.write(int(ready_fd), b"1")
             os.close(int(ready_fd))
