@@ -238,6 +238,10 @@ class TriggerRequest:
         target = _encode_domain("trigger.target", self.target, DOMAIN_NAME_SIZE)
         ident = encode_ident(self.request_id)
         name = self.service_name + b"\0"
+        if len(name) > MAX_SERVICE_NAME_LEN:
+            # Refuse here: no receiver would accept the message.
+            limit = MAX_SERVICE_NAME_LEN - 1
+            raise ProtocolError("trigger.service_name", f"longer than {limit} bytes")
         if self.version == 4:
             source = _encode_domain("trigger.source", self.source, DOMAIN_NAME_SIZE)
             return source + target + ident + name
