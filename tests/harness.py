@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -189,6 +191,24 @@ class Host:
         vm.start_agent()
         vm.start_daemon()
         return vm
+
+    def start_daemon_for_fake_agent(
+        self, name: str, domid: int, user: str | None = None
+    ) -> tuple[VM, socket.socket]:
+        """A daemon whose agent the test plays: returns the VM and the control vchan."""
+        vm = self.add_vm(name, domid, user)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(self.vchan_dir / f"vchan.{domid}.0.512.sock"))
+        listener.listen(1)
+        listener.settimeout(20)
+        accepted: list[socket.socket] = []
+        thread = threading.Thread(target=lambda: accepted.append(listener.accept()[0]))
+        thread.start()
+        vm.start_daemon(wait=False)  # it makes its socket only once the agent answered
+        thread.join(20)
+        listener.close()
+        assert accepted, "the daemon did not connect to the control vchan"
+        return vm, accepted[0]
 
     def stop(self) -> None:
         """Stop every daemon and agent (SIGTERM, then SIGKILL) and reap them."""

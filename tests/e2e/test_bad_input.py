@@ -3,9 +3,7 @@ code or a dropped connection, and everyone else keeps being served."""
 
 from __future__ import annotations
 
-import socket
 import struct
-import threading
 
 import psutil
 import pytest
@@ -86,14 +84,6 @@ def test_cmdline_without_user_part_is_125(vm1: VM) -> None:
     _still_serves(vm1)
 
 
-def _offer_fake_agent(host: Host, domid: int) -> tuple[socket.socket, threading.Thread, list]:
-    listener = listen_unix(host.vchan_dir / f"vchan.{domid}.0.512.sock")
-    accepted: list[socket.socket] = []
-    thread = threading.Thread(target=lambda: accepted.append(listener.accept()[0]))
-    thread.start()
-    return listener, thread, accepted
-
-
 @pytest.mark.parametrize(
     ("name", "msg_type", "payload", "logged"),
     [
@@ -106,12 +96,8 @@ def _offer_fake_agent(host: Host, domid: int) -> tuple[socket.socket, threading.
 def test_bad_agent_drops_the_control_link_and_the_daemon_recovers(
     host: Host, name: str, msg_type: int, payload: bytes, logged: str
 ) -> None:
-    vm = host.add_vm("vm1", 42)
-    listener, thread, accepted = _offer_fake_agent(host, 42)
-    vm.start_daemon(wait=False)
-    thread.join(20)
-    listener.close()
-    agent = Peer(accepted[0])
+    vm, control = host.start_daemon_for_fake_agent("vm1", 42)
+    agent = Peer(control)
     agent.send(HELLO, struct.pack("<I", 4))
     assert agent.receive() == (HELLO, struct.pack("<I", 4))
     agent.send(msg_type, payload)
@@ -126,12 +112,8 @@ def test_bad_agent_drops_the_control_link_and_the_daemon_recovers(
 
 
 def test_agent_hello_below_2_at_startup_fails_the_daemon(host: Host) -> None:
-    vm = host.add_vm("vm1", 42)
-    listener, thread, accepted = _offer_fake_agent(host, 42)
-    vm.start_daemon(wait=False)
-    thread.join(20)
-    listener.close()
-    agent = Peer(accepted[0])
+    vm, control = host.start_daemon_for_fake_agent("vm1", 42)
+    agent = Peer(control)
     agent.send(HELLO, struct.pack("<I", 1))
     assert vm.daemon is not None
     assert vm.daemon.wait(20) == 1

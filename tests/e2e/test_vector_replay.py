@@ -126,21 +126,15 @@ DAEMON_CASES = [(s, 42) for s in DOM0_TO_VM] + [("e2-vm-to-dom0-deny", 42), ("f-
 def test_daemon_sends_what_the_reference_sent(scenario: str, domid: int, host: Host) -> None:
     """We play the agent and every client of qrexec.<domid>; the daemon must match."""
     name = {42: "vm1", 43: "vm2"}[domid]
-    vm = host.add_vm(name, domid, user="qtest")  # the daemon only substitutes the name
+    # The daemon only substitutes the default user's name: the vectors' one will do.
+    vm, control = host.start_daemon_for_fake_agent(name, domid, user="qtest")
     role = f"daemon:{domid}"
     records = [
         r for r in load(scenario)
         if (r.link == "control" and r.vchan == f"{domid}.0.512")
         or (r.link == "client-socket" and r.socket == f"qrexec.{domid}")
     ]
-    listener = listen_unix(host.vchan_dir / f"vchan.{domid}.0.512.sock")
-    accepted: list[socket.socket] = []
-    acceptor = threading.Thread(target=lambda: accepted.append(listener.accept()[0]))
-    acceptor.start()
-    vm.start_daemon(wait=False)  # it makes its socket once the agent answered
-    acceptor.join(20)
-    listener.close()
-    ctl = Peer(accepted[0])
+    ctl = Peer(control)
     clients: dict[int, Peer] = {}
     for record in records:
         if record.link == "control" and record.is_event:

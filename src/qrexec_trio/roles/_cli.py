@@ -13,8 +13,9 @@ from typing import NoReturn
 import trio
 from trio.lowlevel import FdStream
 
-from .._logging import LEVELS, configure_logging
+from .._logging import LEVELS, configure_logging, get_logger
 from ..nursery import one_error
+from ..xen import VchanError
 
 
 def add_logging_options(parser: argparse.ArgumentParser, default: str = "info") -> None:
@@ -87,3 +88,13 @@ async def local_stdio() -> AsyncIterator[tuple[FdStream, FdStream, FdStream]]:
         with trio.CancelScope(shield=True):
             for stream in streams:
                 await stream.aclose()
+
+
+def run_long_lived(main: Callable[[], Awaitable[int]]) -> int:
+    """Run a daemon-like program: a requested stop is a clean exit (0), and a
+    vchan that cannot be set up is a logged start-up failure (1)."""
+    try:
+        return run_until_signal(main, stopped_status=0)
+    except VchanError as exc:
+        get_logger(__name__).error("cannot start", error=str(exc))
+        return 1

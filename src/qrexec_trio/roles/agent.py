@@ -51,7 +51,7 @@ from ..protocol import (
 )
 from ..services import LaunchError, Plan, ProgramPlan, Runner, service_path
 from ..xen import VchanBackend, VchanError, get_backend
-from ._cli import add_logging_options, run_until_signal, setup_logging
+from ._cli import add_logging_options, run_long_lived, setup_logging
 
 log = get_logger(__name__)
 
@@ -232,11 +232,7 @@ async def run_agent(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args, "qrexec-agent")
-    try:
-        return run_until_signal(lambda: run_agent(args), stopped_status=0)
-    except VchanError as exc:
-        log.error("cannot start", error=str(exc))
-        return 1
+    return run_long_lived(lambda: run_agent(args))
 
 
 if __name__ == "__main__":

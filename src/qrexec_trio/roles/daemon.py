@@ -45,8 +45,8 @@ from ..protocol import (
     negotiate_version,
     substitute_default_user,
 )
-from ..xen import VchanBackend, VchanConnectTimeout, VchanError, get_backend
-from ._cli import add_logging_options, run_until_signal, setup_logging
+from ..xen import VchanBackend, VchanConnectTimeout, get_backend
+from ._cli import add_logging_options, run_long_lived, setup_logging
 from ._ports import PortTable
 
 log = get_logger(__name__)
@@ -459,11 +459,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _start_in_background(args, argv)
     setup_logging(args, "qrexec-daemon")
     structlog.contextvars.bind_contextvars(vm=args.name, domid=args.domid)
-    try:
-        return run_until_signal(lambda: _run_daemon(args), stopped_status=0)
-    except VchanError as exc:
-        log.error("cannot start", error=str(exc))
-        return 1
+    return run_long_lived(lambda: _run_daemon(args))
 
 
 if __name__ == "__main__":

@@ -45,7 +45,6 @@ class SocketVchan(Vchan):
         self.port = port
         self._send_finish = send_finish
         self._closed = False
-        self._peer_gone = False
         self._send_busy = trio.Lock()  # also serves as the one-sender conflict check
 
     def buffer_space(self) -> int:
@@ -81,7 +80,6 @@ class SocketVchan(Vchan):
         try:
             return await self._sock.send(view)
         except (BrokenPipeError, ConnectionResetError) as exc:
-            self._peer_gone = True
             raise trio.BrokenResourceError("vchan peer has gone") from exc
         except OSError as exc:
             if self._closed:
@@ -99,7 +97,6 @@ class SocketVchan(Vchan):
         except ConnectionResetError:
             # A peer that died with unread data in its queue resets the socket;
             # for a vchan that is simply the end.
-            self._peer_gone = True
             return b""
         except OSError as exc:
             if self._closed:
