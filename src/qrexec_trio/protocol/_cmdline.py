@@ -96,20 +96,22 @@ def parse_cmdline(cmdline: bytes, *, with_user: bool = True) -> Cmdline:
     if not rest.startswith(" "):
         # "QUBESRPCfoo" is neither an RPC call nor something we should run.
         raise ProtocolError("cmdline.rpc", "QUBESRPC must be followed by a space")
-    return Cmdline(user, nogui, _parse_rpc(rest[1:], dom0_form=not with_user))
+    return Cmdline(user, nogui, _parse_rpc(rest[1:]))
 
 
-def _parse_rpc(text: str, *, dom0_form: bool) -> RpcCall:
+def _parse_rpc(text: str) -> RpcCall:
+    # Two tokens (SVC SOURCE) or four (dom0 services: + TYPE TARGET), with or
+    # without a user part: qrexec-client -l takes the short form too.
     tokens = text.split(" ")
-    if len(tokens) not in ((4,) if dom0_form else (2, 4)):
+    if len(tokens) not in (2, 4):
         raise ProtocolError(
             "cmdline.rpc", f"expected 'SVC[+ARG] SOURCE [TYPE TARGET]', got {len(tokens)} tokens"
         )
     descriptor, source = tokens[0], tokens[1]
     if not descriptor:
         raise ProtocolError("cmdline.rpc.descriptor", "empty")
-    if len(descriptor.encode("utf-8", "surrogateescape")) >= MAX_SERVICE_NAME_LEN:
-        raise ProtocolError("cmdline.rpc.descriptor", f"longer than {MAX_SERVICE_NAME_LEN - 1}")
+    if len(descriptor.encode("utf-8", "surrogateescape")) > MAX_SERVICE_NAME_LEN:
+        raise ProtocolError("cmdline.rpc.descriptor", f"longer than {MAX_SERVICE_NAME_LEN} bytes")
     name, plus, argument = descriptor.partition("+")
     if not name:
         raise ProtocolError("cmdline.rpc.service", "empty service name")

@@ -157,6 +157,12 @@ class MessageReader:
         self._buffer = bytearray()
         self._pending: tuple[int, int] | None = None  # validated header awaiting payload
         self._eof = False
+        # After an error the stream is out of step (a header was consumed): every
+        # later call repeats the error rather than read a payload as a header.
+        self._failed: ProtocolError | None = None
+        # A HELLO was handed out while no version was set: the driver must set
+        # the negotiated version before anything else may arrive.
+        self._hello_taken = False
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         if self._eof:
@@ -185,8 +191,17 @@ class MessageReader:
         """The next whole message, or ``None`` if more bytes are needed.
 
         Raises :class:`ProtocolError` for a bad header, or at end of stream
-        in the middle of a message.
+        in the middle of a message; once it has, it always does.
         """
+        if self._failed is not None:
+            raise self._failed
+        try:
+            return self._next_message()
+        except ProtocolError as exc:
+            self._failed = exc
+            raise
+
+    def _next_message(self) -> Message | None:
         if self._pending is None:
             if len(self._buffer) < HEADER_SIZE:
                 if self._eof and self._buffer:
@@ -194,6 +209,8 @@ class MessageReader:
                 return None
             msg_type, length = decode_header(self._buffer[:HEADER_SIZE])
             del self._buffer[:HEADER_SIZE]
+            if self.version is None and self._hello_taken:
+                raise ProtocolError("header", "a message after HELLO before a version was agreed")
             check_header(self.direction, msg_type, length, self.version)
             self._pending = (msg_type, length)
         msg_type, length = self._pending
@@ -206,4 +223,6 @@ class MessageReader:
         payload = bytes(self._buffer[:length])
         del self._buffer[:length]
         self._pending = None
+        if self.version is None and msg_type == MsgType.HELLO:
+            self._hello_taken = True
         return Message(msg_type, payload)

@@ -235,6 +235,9 @@ class TriggerRequest:
     service_name: bytes
 
     def encode(self) -> bytes:
+        if self.version not in (2, 3, 4):
+            raise ProtocolError("trigger.version", f"no trigger message for v{self.version}")
+        _decode_service_name(self.service_name + b"\0")  # the receiver's rules, checked here
         target = _encode_domain("trigger.target", self.target, DOMAIN_NAME_SIZE)
         ident = encode_ident(self.request_id)
         name = self.service_name + b"\0"
@@ -257,11 +260,11 @@ class TriggerRequest:
 
     @property
     def msg_type(self) -> MsgType:
-        return {
-            2: MsgType.TRIGGER_SERVICE,
-            3: MsgType.TRIGGER_SERVICE3,
-            4: MsgType.TRIGGER_SERVICE4,
-        }[self.version]
+        types = {2: MsgType.TRIGGER_SERVICE, 3: MsgType.TRIGGER_SERVICE3,
+                 4: MsgType.TRIGGER_SERVICE4}
+        if self.version not in types:
+            raise ProtocolError("trigger.version", f"no trigger message for v{self.version}")
+        return types[self.version]
 
 
 def _encode_domain(field: str, name: bytes, size: int) -> bytes:
@@ -352,6 +355,8 @@ def _v2_service_field(raw: bytes) -> bytes:
 
 
 def encode_exit_code(status: int) -> bytes:
+    if not -(1 << 31) <= status < (1 << 31):
+        raise ProtocolError("exit_code", f"{status} does not fit in a signed 32-bit field")
     return _I32.pack(status)
 
 

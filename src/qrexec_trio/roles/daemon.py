@@ -294,12 +294,15 @@ class Daemon:
         assert params.cmdline is not None
         if params.connect_port != 0:
             log.info("client asked for a port; allocating one anyway", asked=params.connect_port)
+        # Build what goes to the agent first: DEFAULT: substitution can make it
+        # too long, and that must fail before a port is promised to the client.
+        cmdline = substitute_default_user(params.cmdline, self.default_user)
+        ExecParams(params.connect_domain, 0, cmdline).encode()
         port = self.ports.allocate(params.connect_domain)
         if port is None:
             log.error("no free data port; closing client")
             return
         released = self._port_waiters[port] = trio.Event()
-        cmdline = substitute_default_user(params.cmdline, self.default_user)
         with structlog.contextvars.bound_contextvars(port=port, domain=params.connect_domain):
             try:
                 await link.send(message.type, ExecParams(self.domid, port).encode())
