@@ -6,7 +6,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .. import __version__
-from . import agent, client, daemon, demo
+from . import agent, client, daemon, demo, policy
 
 
 def _programs() -> dict[str, tuple[Callable[[list[str]], int], str]]:
@@ -15,7 +15,14 @@ def _programs() -> dict[str, tuple[Callable[[list[str]], int], str]]:
         "daemon": (daemon.main, "qrexec-daemon (dom0, one per VM)"),
         "client": (client.main, "qrexec-client (dom0)"),
         "agent": (agent.main, "qrexec-agent (VM)"),
+        "policy": (_policy, "qrexec-policy (dom0); 'policy lint [DIRS]' checks policy files"),
     }
+
+
+def _policy(args: list[str]) -> int:
+    if args[:1] == ["lint"]:
+        return policy.lint_main(args[1:])
+    return policy.main(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,71 @@
+"""What parsing one file yields, and how the loaders ask for files."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Protocol
+
+from ._errors import PolicySyntaxError
+from ._rules import Location, Rule
+
+
+class IncludeKind(enum.Enum):
+    FILE = "!include"
+    DIRECTORY = "!include-dir"
+    SERVICE = "!include-service"
+
+
+@dataclass(frozen=True)
+class Include:
+    kind: IncludeKind
+    #: As written; relative paths are relative to the policy directory.
+    path: str
+    location: Location
+    #: For ``!include-service``: the service and argument (None: ``*``).
+    service: str | None = None
+    argument: str | None = None
+
+
+Entry = Rule | Include
+
+
+@dataclass(frozen=True)
+class ParsedFile:
+    entries: tuple[Entry, ...]
+    errors: tuple[PolicySyntaxError, ...]
+
+
+@dataclass(frozen=True)
+class MultiFileMode:
+    """A ``*.policy`` file, or one named by ``!include``."""
+
+
+@dataclass(frozen=True)
+class ServiceFileMode:
+    """A file named by ``!include-service``: ``SRC DST ACTION`` lines for one service."""
+
+    service: str | None
+    argument: str | None
+
+
+@dataclass(frozen=True)
+class R2FileMode:
+    """An R2 per-service file ``<policy-dir>/<service>``."""
+
+    service: str
+
+
+FileMode = MultiFileMode | ServiceFileMode | R2FileMode
+
+
+class PolicyReader(Protocol):
+    """Where loaders get parsed files and directory listings from. Both raise
+    PolicySyntaxError naming the path (line 0 unless a line is to blame), and the
+    reader remembers what it was asked for, so that changes can be noticed."""
+
+    def parsed(self, path: str, mode: FileMode) -> ParsedFile: ...
+
+    def listing(self, path: str, *, suffix: str | None) -> list[str]: ...
+
+    def exists(self, path: str) -> bool: ...

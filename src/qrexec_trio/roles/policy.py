@@ -1,0 +1,172 @@
+"""``qrexec-policy`` (decide one call) and ``qrexec-trio policy lint`` (check files).
+
+``qrexec-policy`` has R2's meaning: the daemon runs it for a VM's request and it
+decides. With ``--just-evaluate`` only the exit status answers (0 allow, 1
+otherwise). Without it the decision is printed on stdout as ``key=value`` lines
+in the policy daemon's response format (wire-protocol.md §9), for the code that
+builds the connection (the ``make_connection`` step, which a later issue adds);
+the exit status is the same. Logs go through structlog, never to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import structlog
+
+from qrexec_trio.policy import (
+    DEFAULT_ASK_TIMEOUT,
+    DEFAULT_POLICY_D,
+    DEFAULT_R2_DIR,
+    Decision,
+    PolicyCache,
+    PolicySyntaxError,
+    Request,
+    SystemInfo,
+    SystemInfoError,
+    deny,
+    format_response,
+    is_request_id,
+    load_policy,
+    load_system_info,
+    minimal_system_info,
+    program_prompt,
+    resolve_ask,
+)
+
+from ._cli import add_logging_options, setup_logging
+
+log = structlog.get_logger(__name__)
+
+EXIT_ALLOW = 0
+EXIT_DENY = 1
+EXIT_LINT_ERRORS = 1
+
+_SYSTEM_INFO_HELP = (
+    'JSON file describing the domains: {"domains": {"NAME": {"type": "AppVM", '
+    '"tags": [...], "default_dispvm": NAME|null, "template_for_dispvms": false}}}. '
+    "Without it, a minimal registry is built from the names in the request: dom0 "
+    "as the AdminVM, every other name as an AppVM, with no tags and no DispVM "
+    "templates (so @tag: rules never match and @dispvm calls are denied)."
+)
+
+
+def _policy_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qrexec-policy",
+        description="Evaluate the qrexec policy for one call.",
+        epilog="Exit status: 0 if the call is allowed, 1 if it is denied, 2 on usage errors.",
+    )
+    parser.add_argument("--assume-yes-for-ask", action="store_true",
+                        help="answer 'ask' rules with their default target instead of asking")
+    parser.add_argument("--just-evaluate", action="store_true",
+                        help="print nothing; only the exit status tells the decision")
+    parser.add_argument("--policy-dir", metavar="D", default=DEFAULT_R2_DIR,
+                        help=f"R2 per-service policy files (default: {DEFAULT_R2_DIR})")
+    parser.add_argument("--policy-d", metavar="D", default=DEFAULT_POLICY_D,
+                        help=f"*.policy files (default: {DEFAULT_POLICY_D})")
+    parser.add_argument("--system-info", metavar="FILE.json", help=_SYSTEM_INFO_HELP)
+    parser.add_argument(
+        "--ask-program", metavar="PROG",
+        help="program to run for 'ask' (question as JSON on stdin, answer a target on "
+        "stdout); without it, 'ask' denies",
+    )
+    # Every decision is logged at info: it is the audit trail.
+    add_logging_options(parser, default="info")
+    parser.add_argument("source", metavar="SRC")
+    parser.add_argument("target", metavar="TARGET")
+    parser.add_argument("call_name", metavar="SERVICE[+ARG]")
+    parser.add_argument("request_id", metavar="CID")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = _policy_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already reported by argparse
+        return exc.code if isinstance(exc.code, int) else EXIT_DENY
+    # Logs go to stderr: stdout carries the decision.
+    setup_logging(args, "qrexec-policy")
+    request = Request.from_call(args.source, args.target, args.call_name)
+    decision = _decide(args, request)
+    log.info(
+        "policy.decision",
+        result=decision.action.value, source=_clip(request.source),
+        requested_target=_clip(request.target), service=_clip(request.call_name),
+        target=decision.target, user=decision.user, rule=str(decision.rule or ""),
+        reason=decision.reason, request_id=_clip(args.request_id),
+    )
+    if not args.just_evaluate:
+        sys.stdout.write(format_response(decision))
+        sys.stdout.flush()
+    return EXIT_ALLOW if decision.allowed else EXIT_DENY
+
+
+def _decide(args: argparse.Namespace, request: Request) -> Decision:
+    if not is_request_id(args.request_id):
+        return deny(request, "invalid request id (CID)")
+    try:
+        system_info = _system_info(args.system_info, request)
+    except SystemInfoError as exc:
+        log.error("policy.system_info_error", error=str(exc))
+        return deny(request, "system information unusable")
+    decision = PolicyCache(args.policy_dir, args.policy_d).evaluate(request, system_info)
+    prompt = None if args.ask_program is None else program_prompt(
+        [args.ask_program], timeout=DEFAULT_ASK_TIMEOUT
+    )
+    return resolve_ask(decision, assume_yes=args.assume_yes_for_ask, prompt=prompt)
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    # The request comes from a VM and may be invalid and 64 KiB long; the log
+    # line must stay readable either way.
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"
+
+
+def _system_info(path: str | None, request: Request) -> SystemInfo:
+    if path is not None:
+        return load_system_info(path)
+    return minimal_system_info([request.source, request.target])
+
+
+# --- lint ---------------------------------------------------------------------
+
+
+def _lint_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qrexec-trio policy lint",
+        description="Parse policy files and report every error as FILE:LINE: MESSAGE "
+        "(line 0: the file as a whole). With no directory given, lint "
+        f"{DEFAULT_R2_DIR} (R2) and {DEFAULT_POLICY_D}, skipping whichever is absent.",
+        epilog="Exit status: 0 if everything parses, 1 on any error, 2 on usage errors.",
+    )
+    parser.add_argument("dirs", metavar="DIR", nargs="*",
+                        help="a directory of *.policy files (today's format)")
+    parser.add_argument("--policy-dir", metavar="D", action="append", default=[],
+                        help="a directory of R2 per-service files (repeatable)")
+    return parser
+
+
+def lint_main(argv: list[str] | None = None) -> int:
+    try:
+        args = _lint_parser().parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else EXIT_LINT_ERRORS
+    errors = [str(error) for error in _lint_errors(args.dirs, args.policy_dir)]
+    for line in errors:
+        print(line)
+    return EXIT_LINT_ERRORS if errors else 0
+
+
+def _lint_errors(policy_ds: Sequence[str], r2_dirs: Sequence[str]) -> list[PolicySyntaxError]:
+    if not policy_ds and not r2_dirs:
+        # Nothing named: the installed policy, where a missing directory is normal.
+        return list(load_policy(DEFAULT_R2_DIR, DEFAULT_POLICY_D, required=False).errors)
+    errors: list[PolicySyntaxError] = []
+    for r2_dir in r2_dirs:
+        errors += load_policy(r2_dir, None, required=True).errors
+    for policy_d in policy_ds:
+        errors += load_policy(None, policy_d, required=True).errors
+    return errors
