@@ -33,6 +33,13 @@ class Timeouts:
     kill_grace: float = 2.0
     #: A frame whose sending was interrupted by cancellation may take this long to finish.
     send_finish: float = 2.0
+    #: Sockets accepted on the agent's fdpass socket must be claimed by a trigger
+    #: (their CID) within this long, or they are closed.
+    cid_claim: float = 10.0
+    #: A policy decision (including an ask prompt or an external evaluator).
+    policy: float = 120.0
+    #: A VM's request must be answered (connected or refused) within this long.
+    request_answer: float = 150.0
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Timeouts:
