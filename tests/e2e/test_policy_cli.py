@@ -19,7 +19,7 @@ def test_qrexec_policy_prints_the_decision_on_stdout_and_logs_on_stderr(tmp_path
     root = _policy_d(tmp_path, "test.Svc * work personal allow\n")
     argv = [program("qrexec-policy"), "--policy-dir", str(tmp_path / "none"),
             "--policy-d", str(root), "--"]
-    allowed = subprocess.run([*argv, "work", "personal", "test.Svc", "SOCKET7"],
+    allowed = subprocess.run([*argv, "work", "personal", "test.Svc"],
                              capture_output=True, text=True, timeout=30)
     assert allowed.returncode == 0
     assert "result=allow\n" in allowed.stdout and "target=personal\n" in allowed.stdout
@@ -31,6 +31,13 @@ def test_qrexec_policy_prints_the_decision_on_stdout_and_logs_on_stderr(tmp_path
                            "work", "personal", "test.Svc", "SOCKET7"],
                           capture_output=True, text=True, timeout=30)
     assert (just.returncode, just.stdout) == (0, "")
+    # With a request id, an allowed call is connected (R2): no daemon here, so it fails.
+    no_daemon = subprocess.run([*argv[:1], "--socket-dir", str(tmp_path), *argv[1:],
+                                "work", "personal", "test.Svc", "SOCKET7"],
+                               capture_output=True, text=True, timeout=30)
+    assert no_daemon.returncode == 1
+    assert "result=allow\n" in no_daemon.stdout
+    assert "policy.connect_failed" in no_daemon.stderr and "not running" in no_daemon.stderr
 
 
 def test_policy_lint_through_the_umbrella(tmp_path: Path) -> None:

@@ -41,13 +41,17 @@ def _call(function: Any, argv: list[str]) -> tuple[int, str, list[Any]]:
 
 
 def test_allow_prints_key_value_lines(tmp_path: Path) -> None:
-    status, out, logs = _run(tmp_path, "--", "work", "personal", "test.Svc", "SOCKET7")
+    # The reference's three-argument evaluator form: decide and print, no connection.
+    status, out, logs = _run(tmp_path, "--", "work", "personal", "test.Svc")
     assert status == 0
     assert out == (
         "user=DEFAULT\nresult=allow\ntarget=personal\nautostart=True\nrequested_target=personal\n"
     )
     decision_logs = [e for e in logs if e["event"] == "policy.decision"]
     assert decision_logs[0]["result"] == "allow"
+    _, _, logs = _run(tmp_path, "--just-evaluate", "--", "work", "personal", "test.Svc",
+                      "SOCKET7")
+    decision_logs = [e for e in logs if e["event"] == "policy.decision"]
     assert decision_logs[0]["request_id"] == "SOCKET7"
 
 
@@ -57,7 +61,7 @@ def test_deny_prints_result_deny(tmp_path: Path) -> None:
 
 
 def test_redirect_is_printed(tmp_path: Path) -> None:
-    status, out, _ = _run(tmp_path, "--", "work", "@default", "test.Redirect", "1 2 3")
+    status, out, _ = _run(tmp_path, "--", "work", "@default", "test.Redirect")
     assert status == 0
     assert "target=personal\n" in out
     assert "requested_target=@default\n" in out
@@ -105,7 +109,7 @@ def test_system_info_file(tmp_path: Path) -> None:
                         "other": {"type": "AppVM", "tags": ["trusted"]}}}
     path = write(tmp_path / "system.json", json.dumps(info))
     status, out, _ = _run(tmp_path, "--system-info", str(path), "--",
-                          "work", "other", "test.Svc", "7")
+                          "work", "other", "test.Svc")
     assert status == 0
     assert "user=root\n" in out
 
@@ -126,7 +130,7 @@ def test_ask_without_prompt_denies(tmp_path: Path) -> None:
 
 def test_ask_with_assume_yes(tmp_path: Path) -> None:
     status, out, _ = _run(tmp_path, "--assume-yes-for-ask", "--",
-                          "work", "personal", "test.Ask", "7")
+                          "work", "personal", "test.Ask")
     assert status == 0
     assert "target=personal\n" in out
 
@@ -134,7 +138,7 @@ def test_ask_with_assume_yes(tmp_path: Path) -> None:
 def test_assume_yes_for_default_needs_the_default_target_to_exist(tmp_path: Path) -> None:
     # The minimal registry only knows dom0 and work, so default_target=personal
     # cannot be offered; with a registry that has it, it is taken.
-    args = ("--assume-yes-for-ask", "--", "work", "@default", "test.Ask", "7")
+    args = ("--assume-yes-for-ask", "--", "work", "@default", "test.Ask")
     assert _run(tmp_path, *args)[:2] == (1, "result=deny\n")
     info = {"domains": {"dom0": {"type": "AdminVM"}, "work": {"type": "AppVM"},
                         "personal": {"type": "AppVM"}}}
@@ -156,7 +160,7 @@ def test_ask_with_prompt_program(tmp_path: Path) -> None:
                        "q = json.load(sys.stdin)\nprint(q['targets'][-1])\n")
     program.chmod(0o755)
     status, out, _ = _run(tmp_path, "--ask-program", str(program), "--",
-                          "work", "@default", "test.Ask", "7")
+                          "work", "@default", "test.Ask")
     assert status == 0
     # minimal registry: dom0 (never offered to @anyvm) and work
     assert "target=work\n" in out
@@ -166,7 +170,7 @@ def test_r2_policy_dir(tmp_path: Path) -> None:
     root = r2_dir(tmp_path, {"qubes.OpenInVM": "$anyvm $dispvm allow\n$anyvm $anyvm ask\n"})
     status, out, _ = _call(main, ["--policy-dir", str(root), "--policy-d",
                                   str(tmp_path / "none"), "--assume-yes-for-ask", "--",
-                                  "work", "personal", "qubes.OpenInVM", "7"])
+                                  "work", "personal", "qubes.OpenInVM"])
     assert status == 0
     assert "target=personal\n" in out
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from qrexec_trio.policy import Action, Decision, Request, format_response
 
 from .helpers import decide, one_file
@@ -59,3 +61,34 @@ def test_a_value_that_would_break_the_format_is_refused() -> None:
     oversized = Decision(Action.ALLOW, request, target="v" * 5000)
     assert format_response(oversized) == "result=deny\n"
     assert format_response(Decision(Action.ALLOW, request, target=None)) == "result=deny\n"
+
+
+class TestParseResponse:
+    """Reading a response back, by the policy daemon client's rules."""
+
+    def test_allow_round_trips_through_format_and_parse(self) -> None:
+        from qrexec_trio.policy import parse_response
+
+        text = (b"user=DEFAULT\nresult=allow\ntarget=work\nautostart=True\n"
+                b"requested_target=@default\n")
+        verdict = parse_response(text)
+        assert (verdict.allowed, verdict.target, verdict.user, verdict.autostart) == (
+            True, "work", "DEFAULT", True)
+        assert verdict.requested_target == "@default"
+
+    def test_deny_and_unknown_keys(self) -> None:
+        from qrexec_trio.policy import parse_response
+
+        assert not parse_response(b"result=deny\n").allowed
+        assert parse_response(b"result=deny\npolicy_source=x").allowed is False
+
+    @pytest.mark.parametrize("text", [
+        b"", b"result=maybe", b"result=allow", b"result=deny\nuser=x", b"result=deny\nnoequals",
+        b"result=deny\nresult=deny", b"result=deny\0", b"x" * 5000,
+        b"user=u\nresult=allow\ntarget=t\nautostart=yes\nrequested_target=t",
+    ])
+    def test_malformed_responses_are_refused(self, text: bytes) -> None:
+        from qrexec_trio.policy import MalformedResponse, parse_response
+
+        with pytest.raises(MalformedResponse):
+            parse_response(text)

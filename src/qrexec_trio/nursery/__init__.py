@@ -1,6 +1,7 @@
 """Structured-concurrency building blocks: framed links, the data pump, child processes."""
 
 from ._errors import one_error as one_error
+from ._glue import glue as glue
 from ._link import FramedLink as FramedLink
 from ._process import child_process as child_process
 from ._process import exit_status as exit_status

@@ -103,5 +103,9 @@ class FramedLink:
         self.version = version
         return version
 
+    def take_buffered(self) -> bytes:
+        """Bytes already read past the last message (see ``MessageReader.take_buffered``)."""
+        return self._reader.take_buffered()
+
     async def aclose(self) -> None:
         await self.stream.aclose()

@@ -27,7 +27,10 @@ from ._errors import PolicySyntaxError as PolicySyntaxError
 from ._multifile import parse_multifile_text as parse_multifile_text
 from ._names import is_request_id as is_request_id
 from ._r2 import parse_r2_text as parse_r2_text
+from ._response import MalformedResponse as MalformedResponse
+from ._response import Verdict as Verdict
 from ._response import format_response as format_response
+from ._response import parse_response as parse_response
 from ._rules import Action as Action
 from ._rules import Location as Location
 from ._rules import Rule as Rule

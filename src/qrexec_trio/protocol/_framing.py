@@ -181,6 +181,19 @@ class MessageReader:
         """The peer closed between messages (not in the middle of one)."""
         return self._eof and not self._buffer and self._pending is None
 
+    def take_buffered(self) -> bytes:
+        """Hand over the bytes received after the last whole message.
+
+        For a relay that stops parsing after the HELLO: whatever arrived with
+        the HELLO belongs to the stream it now copies. Only valid between
+        messages.
+        """
+        if self._pending is not None:
+            raise ProtocolError("stream", "cannot hand over bytes in the middle of a message")
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        return data
+
     def bytes_wanted(self) -> int:
         """How many more bytes complete the message in progress (for sized reads)."""
         if self._pending is None:

@@ -8,7 +8,6 @@ exits with the remote exit code.
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import sys
 from collections.abc import Sequence
@@ -21,7 +20,6 @@ from .._logging import get_logger
 from ..nursery import CallerEnd, FramedLink, call_data, caller_exit_code, child_process
 from ..nursery import exit_status as process_exit_status
 from ..protocol import (
-    CLIENT_PROTOCOL_VERSION,
     DATA_RING_SIZE,
     PROTOCOL_VERSION,
     Direction,
@@ -29,9 +27,8 @@ from ..protocol import (
     ExitCode,
     MsgType,
     ProtocolError,
+    RpcCall,
     ShellCommand,
-    decode_exec_params,
-    negotiate_version,
     parse_cmdline,
 )
 from ..services import LaunchError, ProgramPlan, Runner, service_path
@@ -43,52 +40,22 @@ from ._cli import (
     run_until_signal,
     setup_logging,
 )
+from ._connect import (
+    DOM0_NAMES,
+    ConnectError,
+    Connector,
+    Target,
+    accept_via_daemon_socket,
+    request_port,
+)
 
 log = get_logger(__name__)
 
 DEFAULT_SOCKET_DIR: Final = "/var/run/qubes"
-_DOM0_NAMES: Final = ("dom0", "@adminvm", "uuid:00000000-0000-0000-0000-000000000000")
 
 
 class ClientError(Exception):
     """The call could not be made; the message says why. Exit status 125."""
-
-
-async def request_port(
-    socket_dir: str, target: str, msg_type: MsgType, params: ExecParams, timeouts: Timeouts
-) -> tuple[trio.SocketStream, int, int]:
-    """Ask ``target``'s daemon to forward a request; returns (socket, domid, port).
-
-    The socket stays open for the whole call: the daemon closes it when the
-    agent reports the connection terminated.
-    """
-    path = os.path.join(socket_dir, f"qrexec.{target}")
-    try:
-        stream = await trio.open_unix_socket(path)
-    except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
-            raise ClientError(f"qrexec-daemon for {target!r} is not running ({path})") from exc
-        raise ClientError(f"cannot connect to {path}: {exc.strerror}") from exc
-    try:
-        link = FramedLink(stream, Direction.DAEMON_TO_CLIENT)
-        with trio.fail_after(timeouts.handshake):
-            version = negotiate_version(
-                CLIENT_PROTOCOL_VERSION, await link.receive_hello(), CLIENT_PROTOCOL_VERSION
-            )
-            await link.send_hello(CLIENT_PROTOCOL_VERSION)
-            link.version = version
-            await link.send(msg_type, params.encode())
-            reply = await link.receive()
-        if reply is None:
-            raise ClientError(f"qrexec-daemon for {target!r} closed the connection")
-        if reply.type != msg_type:
-            raise ProtocolError("reply.type", f"expected {msg_type.name}, got {reply.name}")
-        answer = decode_exec_params(reply.payload)
-    except BaseException:
-        with trio.CancelScope(shield=True):
-            await stream.aclose()
-        raise
-    return stream, answer.connect_domain, answer.connect_port
 
 
 def _local_program_plan(command: str, target: str) -> ProgramPlan:
@@ -111,7 +78,7 @@ async def run_call(
     msg_type = MsgType.JUST_EXEC if args.just_exec else MsgType.EXEC_CMDLINE
     cmdline = args.cmdline.encode("utf-8", "surrogateescape")
     daemon_socket, domid, port = await request_port(
-        args.socket_dir, args.target, msg_type, ExecParams(0, 0, cmdline), timeouts
+        args.socket_dir, args.target, msg_type, ExecParams(0, 0, cmdline).encode(), timeouts
     )
     async with daemon_socket:
         log.debug("got data port", domid=domid, port=port)
@@ -175,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("-l", dest="local_command", metavar="CMD",
                       help="connect the remote command to this local program instead of stdio")
+    mode.add_argument("-c", dest="connect_existing", metavar="ID,SRCNAME,SRCID",
+                      help="answer a VM's pending request ID from SRCNAME (domid SRCID): "
+                      "connect it to the service CMDLINE in TARGET")
     mode.add_argument("-e", dest="just_exec", action="store_true",
                       help="just start the command (MSG_JUST_EXEC); no data, exit 0 if started")
     parser.add_argument("-E", "--no-exit-code", action="store_true",
@@ -194,19 +164,70 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse_existing(text: str) -> tuple[bytes, str, int]:
+    parts = text.split(",")
+    if len(parts) != 3:
+        raise ClientError("-c takes ID,SRCNAME,SRCID")
+    ident, source, source_id = parts
+    if not ident or len(ident) >= 32:
+        raise ClientError("-c: ID must be 1 to 31 characters")
+    try:
+        domid = int(source_id, 0)
+    except ValueError:
+        raise ClientError(f"-c: SRCID {source_id!r} is not a domain id") from None
+    if domid == 0:
+        raise ClientError("-c: the source cannot be dom0")
+    return ident.encode(), source, domid
+
+
+async def connect_existing(args: argparse.Namespace, backend: VchanBackend,
+                           timeouts: Timeouts) -> int:
+    """``-c``: build the connection for a VM's pending request (as qrexec-policy does)."""
+    ident, source, source_id = _parse_existing(args.connect_existing)
+    command = parse_cmdline(args.cmdline.encode("utf-8", "surrogateescape"),
+                            with_user=args.target not in DOM0_NAMES).command
+    if not isinstance(command, RpcCall):
+        raise ClientError("-c needs a QUBESRPC command line")
+    user = args.cmdline.partition(":")[0] if args.target not in DOM0_NAMES else "DEFAULT"
+    sockets: list[trio.SocketStream] = []
+    accept = accept_via_daemon_socket(args.socket_dir, str(source_id), ident, timeouts, sockets)
+    try:
+        status = await Connector(backend, timeouts, args.socket_dir).connect(
+            accept, Target(args.target, user, args.target), command.descriptor, source)
+    finally:
+        with trio.CancelScope(shield=True):
+            for stream in sockets:
+                await stream.aclose()
+    return 0 if status is None else status
+
+
+def _main_connect_existing(args: argparse.Namespace, timeouts: Timeouts) -> int:
+    try:
+        backend = get_backend(send_finish=timeouts.send_finish)
+        return run_until_signal(lambda: connect_existing(args, backend, timeouts))
+    except (ClientError, ConnectError, VchanError, ProtocolError, trio.TooSlowError) as exc:
+        print(f"qrexec-client: {exc or type(exc).__name__}", file=sys.stderr)
+        return int(ExitCode.CLIENT_CONNECT_FAILED if args.target not in DOM0_NAMES
+                   else ExitCode.PROBLEM)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args, "qrexec-client")
     timeouts = Timeouts.from_env()
     if args.connect_timeout is None:
         args.connect_timeout = timeouts.data_vchan_accept
-    if args.target in _DOM0_NAMES:
-        print("qrexec-client: dom0 as target is not supported yet", file=sys.stderr)
+    if args.connect_existing is not None:
+        return _main_connect_existing(args, timeouts)
+    if args.target in DOM0_NAMES:
+        print("qrexec-client: dom0 as a target needs -c (a VM's request to answer)",
+              file=sys.stderr)
         return int(ExitCode.PROBLEM)
     try:
         backend = get_backend(send_finish=timeouts.send_finish)
         return run_until_signal(lambda: run_call(args, backend, timeouts))
-    except (ClientError, VchanError, ProtocolError, LaunchError, trio.TooSlowError) as exc:
+    except (ClientError, ConnectError, VchanError, ProtocolError, LaunchError,
+            trio.TooSlowError) as exc:
         print(f"qrexec-client: {exc or type(exc).__name__}", file=sys.stderr)
         return int(ExitCode.PROBLEM)
 

@@ -17,7 +17,8 @@ import socket
 import stat
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Final
 
 import structlog
@@ -25,7 +26,8 @@ import trio
 
 from .._config import Timeouts
 from .._logging import get_logger
-from ..nursery import FramedLink, one_error
+from ..nursery import FramedLink, child_process, one_error
+from ..policy import DEFAULT_POLICY_D, DEFAULT_R2_DIR
 from ..protocol import (
     CLIENT_PROTOCOL_VERSION,
     FIRST_DATA_PORT,
@@ -37,6 +39,7 @@ from ..protocol import (
     Message,
     MsgType,
     ProtocolError,
+    ServiceConnect,
     TriggerRequest,
     decode_exec_params,
     decode_exec_request,
@@ -45,8 +48,10 @@ from ..protocol import (
     negotiate_version,
     substitute_default_user,
 )
-from ..xen import VchanBackend, VchanConnectTimeout, get_backend
+from ..xen import VchanBackend, VchanConnectTimeout, VchanError, get_backend
 from ._cli import add_logging_options, run_long_lived, setup_logging
+from ._connect import ConnectError, Connector, Target
+from ._decide import Decider, EngineDecider, ProgramDecider
 from ._ports import PortTable
 
 log = get_logger(__name__)
@@ -56,18 +61,16 @@ DEFAULT_LOG_DIR: Final = "/var/log/qubes"
 #: Set in the environment of the background daemon: the fd to report readiness on.
 READY_FD_ENV: Final = "QREXEC_TRIO_READY_FD"
 
-#: Decides a VM's service request. It answers on the control link itself.
-RequestHandler = Callable[["Daemon", TriggerRequest], Awaitable[None]]
+DEFAULT_MAX_CALLS: Final = 128
 
 
-async def refuse_all(daemon: Daemon, request: TriggerRequest) -> None:
-    """The handler used when no policy is configured: every request is refused."""
-    log.warning(
-        "no policy configured; refusing request",
-        service=request.service_name.decode(),
-        target=request.target.decode(),
-    )
-    await daemon.refuse(request.request_id)
+@dataclass
+class PendingRequest:
+    """A VM's request from its trigger until its call is over."""
+
+    request: TriggerRequest
+    #: Set once the request was answered (connected or refused).
+    answered: trio.Event = field(default_factory=trio.Event)
 
 
 class ControlLinkDown(Exception):
@@ -85,7 +88,9 @@ class Daemon:
         socket_dir: str = DEFAULT_SOCKET_DIR,
         uuid: str | None = None,
         timeouts: Timeouts,
-        request_handler: RequestHandler = refuse_all,
+        decider: Decider | None = None,
+        policy_exec: str | None = None,
+        max_calls: int = DEFAULT_MAX_CALLS,
     ) -> None:
         self.backend = backend
         self.domid = domid
@@ -94,7 +99,14 @@ class Daemon:
         self.socket_dir = socket_dir
         self.uuid = uuid
         self.timeouts = timeouts
-        self.request_handler = request_handler
+        #: Decides VM requests in this process (None: refuse every request).
+        self.decider = decider
+        #: R2 mode: run this program to decide *and* connect each request.
+        self.policy_exec = policy_exec
+        self.max_calls = max_calls
+        self.connector = Connector(backend, timeouts, socket_dir)
+        # Requests of this VM, from the trigger until their call ended, by ident.
+        self._requests: dict[bytes, PendingRequest] = {}
         self.ports = PortTable(domid)
         # Clients waiting for their port to be released, by port.
         self._port_waiters: dict[int, trio.Event] = {}
@@ -191,17 +203,113 @@ class Daemon:
             log.warning("invalid service request refused", error=str(exc))
             await self.refuse_raw(_raw_ident(message))
             return
-        nursery.start_soon(self._handle_request, request)
+        if request.request_id in self._requests:
+            log.warning("request refused: its id is already in use",
+                        request=request.request_id.decode())
+            await self.refuse(request.request_id)
+            return
+        if len(self._requests) >= self.max_calls:
+            # Refuse at once rather than queue: a VM cannot make dom0 wait for it.
+            log.warning("request refused: too many calls from this VM", limit=self.max_calls,
+                        service=request.service_name.decode())
+            await self.refuse(request.request_id)
+            return
+        pending = self._requests[request.request_id] = PendingRequest(request)
+        nursery.start_soon(self._handle_request, pending)
 
-    async def _handle_request(self, request: TriggerRequest) -> None:
+    async def _handle_request(self, pending: PendingRequest) -> None:
+        request = pending.request
+        ident = request.request_id
         with structlog.contextvars.bound_contextvars(
-            request=request.request_id.decode(), service=request.service_name.decode(),
-            target=request.target.decode(),
+            request=ident.decode(), service=request.service_name.decode(),
+            target=request.target.decode(), source=self.name,
         ):
             try:
-                await self.request_handler(self, request)
-            except (ControlLinkDown, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                log.warning("could not answer request", error=str(exc) or type(exc).__name__)
+                with one_error():
+                    await self._run_request(pending)
+            except (ControlLinkDown, ConnectError, VchanError, ProtocolError, trio.TooSlowError,
+                    trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                log.warning("call failed", error=str(exc) or type(exc).__name__)
+            finally:
+                with trio.CancelScope(shield=True):
+                    if not pending.answered.is_set():
+                        with contextlib.suppress(ControlLinkDown, trio.BrokenResourceError,
+                                                 trio.ClosedResourceError):
+                            await self.refuse(ident)
+                    del self._requests[ident]
+
+    async def _run_request(self, pending: PendingRequest) -> None:
+        request = pending.request
+        target = request.target.decode() or "@default"
+        call_name = request.service_name.decode()
+        if self.policy_exec is not None:
+            await self._run_policy_exec(self.policy_exec, pending, target, call_name)
+            return
+        if self.decider is None:
+            log.warning("no policy configured; refusing request")
+            return
+        with trio.fail_after(self.timeouts.policy):
+            verdict = await self.decider.decide(self.name, target, call_name)
+        if not verdict.allowed or verdict.target is None:
+            log.info("request denied")
+            return
+        if verdict.target.startswith("@dispvm"):
+            log.warning("request refused: DispVM targets are not available yet",
+                        target=verdict.target)
+            return
+        log.info("request allowed", target=verdict.target, user=verdict.user)
+
+        async def accept_source() -> tuple[int, int]:
+            return self.domid, await self.answer(pending)
+
+        goal = Target(verdict.target, verdict.user or "DEFAULT",
+                      verdict.requested_target or target)
+        await self.connector.connect(accept_source, goal, call_name, self.name)
+        log.info("call finished")
+
+    async def _run_policy_exec(self, program: str, pending: PendingRequest, target: str,
+                               call_name: str) -> None:
+        """R2: the policy program decides and makes the connection itself.
+
+        It answers through our client socket (MSG_SERVICE_CONNECT with the
+        request's ident) and lives as long as the call. If it exits, or takes
+        longer than the answer timeout, without answering, we refuse.
+        """
+        argv = [program, "--", self.name, target, call_name,
+                pending.request.request_id.decode()]
+        async with child_process(argv, timeouts=self.timeouts, stdin=subprocess.DEVNULL,
+                                 stdout=None, stderr=None) as proc:
+            with trio.move_on_after(self.timeouts.request_answer):
+                async with trio.open_nursery() as race:
+
+                    async def exited() -> None:
+                        await proc.wait()
+                        race.cancel_scope.cancel()
+
+                    race.start_soon(exited)
+                    await pending.answered.wait()
+                    race.cancel_scope.cancel()
+            if not pending.answered.is_set():
+                log.warning("policy program did not answer", status=proc.returncode)
+                return  # leaving the scope kills it; _handle_request refuses
+            status = await proc.wait()
+            log.info("policy program finished", status=status)
+
+    async def answer(self, pending: PendingRequest) -> int:
+        """Connect a pending request: a port for dom0, MSG_SERVICE_CONNECT to the agent."""
+        if pending.answered.is_set():
+            raise ConnectError("request already answered")
+        port = self.ports.allocate(0)
+        if port is None:
+            raise ConnectError("no free data port")
+        try:
+            await self.send_to_agent(MsgType.SERVICE_CONNECT, ServiceConnect(
+                0, port, pending.request.request_id).encode())
+        except BaseException:
+            self.ports.release(0, port)
+            raise
+        pending.answered.set()
+        return port
 
     async def send_to_agent(self, msg_type: MsgType, payload: bytes) -> None:
         link = self._control
@@ -210,6 +318,9 @@ class Daemon:
         await link.send(msg_type, payload)
 
     async def refuse(self, ident: bytes) -> None:
+        pending = self._requests.get(ident)
+        if pending is not None:
+            pending.answered.set()
         await self.refuse_raw(ident.ljust(32, b"\0"))
 
     async def refuse_raw(self, raw_ident: bytes) -> None:
@@ -318,15 +429,22 @@ class Daemon:
 
     async def _client_service_connect(self, link: FramedLink, message: Message) -> None:
         connect = decode_service_connect(message.payload)
-        if connect.connect_port == 0:
-            # Answering a VM's pending request: only the request handler can know
-            # of pending requests, and none are kept without a policy engine.
-            log.warning("SERVICE_CONNECT for an unknown request", ident=connect.ident.decode())
+        if connect.connect_port != 0:
+            # The port was allocated elsewhere: pass the answer on as it is.
+            await self.send_to_agent(MsgType.SERVICE_CONNECT, message.payload)
             return
-        await self.send_to_agent(MsgType.SERVICE_CONNECT, message.payload)
+        pending = self._requests.get(connect.ident)
+        if pending is None or pending.answered.is_set():
+            log.warning("SERVICE_CONNECT for a request that is not pending",
+                        ident=connect.ident.decode())
+            return
+        port = await self.answer(pending)
+        released = self._port_waiters[port] = trio.Event()
+        await link.send(MsgType.SERVICE_CONNECT, ExecParams(self.domid, port).encode())
+        await _wait_running(link.stream, released)
 
 
-async def _wait_running(stream: trio.SocketStream, released: trio.Event) -> None:
+async def _wait_running(stream: trio.abc.Stream, released: trio.Event) -> None:
     """A client in RUNNING state: it may only close; we close it when its port is freed."""
     async with trio.open_nursery() as nursery:
 
@@ -374,8 +492,27 @@ def build_parser() -> argparse.ArgumentParser:
                         help="do not print progress while waiting for the agent")
     parser.add_argument("-D", "--direct", action="store_true",
                         help="stay in the foreground (otherwise return once the agent connected)")
-    parser.add_argument("-p", "--policy-program", metavar="PROGRAM",
-                        help="external policy evaluator (used from the VM-initiated-call release)")
+    policy = parser.add_argument_group(
+        "policy", "how VM-initiated calls are decided (default: the engine, in-process)")
+    policy.add_argument("--policy-dir", default=DEFAULT_R2_DIR, metavar="D",
+                        help=f"R2 per-service policy files (default {DEFAULT_R2_DIR})")
+    policy.add_argument("--policy-d", default=DEFAULT_POLICY_D, metavar="D",
+                        help=f"*.policy files (default {DEFAULT_POLICY_D})")
+    policy.add_argument("--system-info", metavar="FILE.json",
+                        help="the domains for the policy (see qrexec-policy --help)")
+    policy.add_argument("--ask-program", metavar="PROG",
+                        help="program answering 'ask' rules (without it, 'ask' denies)")
+    policy.add_argument("--assume-yes-for-ask", action="store_true",
+                        help="answer 'ask' rules with their default target")
+    policy.add_argument("-p", "--policy-program", metavar="PROGRAM",
+                        help="external evaluator instead of the engine, run as "
+                        "'PROGRAM -- SOURCE TARGET SERVICE[+ARG]' (a policy response on stdout)")
+    policy.add_argument("--policy-exec", metavar="PROGRAM",
+                        help="R2 mode: run 'PROGRAM -- SOURCE TARGET SERVICE[+ARG] IDENT', "
+                        "which decides and connects the call itself (e.g. qrexec-policy)")
+    policy.add_argument("--max-calls", type=int, default=DEFAULT_MAX_CALLS, metavar="N",
+                        help="VM-initiated calls of this VM at once; more are refused at once "
+                        f"(default {DEFAULT_MAX_CALLS})")
     parser.add_argument("--socket-dir", default=DEFAULT_SOCKET_DIR,
                         help=f"where qrexec.<domid> lives (default {DEFAULT_SOCKET_DIR})")
     parser.add_argument("-u", "--uuid", help="the VM's UUID (adds a qrexec.uuid:<uuid> link)")
@@ -385,6 +522,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="user for DEFAULT: (default 'user')")
     add_logging_options(parser)
     return parser
+
+
+def _decider(args: argparse.Namespace) -> Decider:
+    if args.policy_program is not None:
+        return ProgramDecider(args.policy_program)
+    return EngineDecider(
+        args.policy_dir, args.policy_d, system_info_path=args.system_info,
+        ask_program=[args.ask_program] if args.ask_program else None,
+        assume_yes_for_ask=args.assume_yes_for_ask,
+    )
 
 
 async def _run_daemon(args: argparse.Namespace) -> int:
@@ -397,6 +544,9 @@ async def _run_daemon(args: argparse.Namespace) -> int:
         socket_dir=args.socket_dir,
         uuid=args.uuid,
         timeouts=timeouts,
+        decider=_decider(args),
+        policy_exec=args.policy_exec,
+        max_calls=args.max_calls,
     )
     ready_fd = os.environ.pop(READY_FD_ENV, None)
 

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 import structlog
+import trio
 
 from qrexec_trio.policy import (
     DEFAULT_ASK_TIMEOUT,
@@ -36,7 +37,12 @@ from qrexec_trio.policy import (
     resolve_ask,
 )
 
-from ._cli import add_logging_options, setup_logging
+from .._config import Timeouts
+from ..protocol import ProtocolError
+from ..xen import VchanError, get_backend
+from ._cli import add_logging_options, run_until_signal, setup_logging
+from ._connect import ConnectError, Connector, Target, accept_via_daemon_socket
+from .daemon import DEFAULT_SOCKET_DIR
 
 log = structlog.get_logger(__name__)
 
@@ -78,7 +84,14 @@ def _policy_parser() -> argparse.ArgumentParser:
     parser.add_argument("source", metavar="SRC")
     parser.add_argument("target", metavar="TARGET")
     parser.add_argument("call_name", metavar="SERVICE[+ARG]")
-    parser.add_argument("request_id", metavar="CID")
+    parser.add_argument(
+        "request_id", metavar="CID", nargs="?",
+        help="the request's id at SRC's daemon; with it an allowed call is connected (R2); "
+        "without it the decision is only printed (the reference's evaluator form)",
+    )
+    parser.add_argument("--socket-dir", default=DEFAULT_SOCKET_DIR,
+                        help=f"qrexec-daemon sockets, to connect the call (default "
+                        f"{DEFAULT_SOCKET_DIR})")
     return parser
 
 
@@ -96,16 +109,57 @@ def main(argv: list[str] | None = None) -> int:
         result=decision.action.value, source=_clip(request.source),
         requested_target=_clip(request.target), service=_clip(request.call_name),
         target=decision.target, user=decision.user, rule=str(decision.rule or ""),
-        reason=decision.reason, request_id=_clip(args.request_id),
+        reason=decision.reason, request_id=_clip(args.request_id or ""),
     )
-    if not args.just_evaluate:
-        sys.stdout.write(format_response(decision))
-        sys.stdout.flush()
-    return EXIT_ALLOW if decision.allowed else EXIT_DENY
+    if args.just_evaluate:
+        return EXIT_ALLOW if decision.allowed else EXIT_DENY
+    sys.stdout.write(format_response(decision))
+    sys.stdout.flush()
+    if not decision.allowed:
+        return EXIT_DENY
+    if args.request_id is None:
+        return EXIT_ALLOW
+    # R2: the policy program makes the second half of the connection itself.
+    return connect_allowed(args, decision)
+
+
+def connect_allowed(args: argparse.Namespace, decision: Decision) -> int:
+    """Connect the allowed call, with the daemon's own connection builder."""
+    assert decision.target is not None
+    request = decision.request
+    if decision.target.startswith("@dispvm"):
+        log.warning("policy.connect_failed", error="DispVM targets are not available yet")
+        return EXIT_DENY
+    timeouts = Timeouts.from_env()
+    try:
+        backend = get_backend(send_finish=timeouts.send_finish)
+    except VchanError as exc:
+        log.error("policy.connect_failed", error=str(exc))
+        return EXIT_DENY
+    target = Target(decision.target, decision.user or "DEFAULT", request.target)
+
+    async def run() -> int:
+        sockets: list[trio.SocketStream] = []
+        accept = accept_via_daemon_socket(args.socket_dir, request.source,
+                                          args.request_id.encode(), timeouts, sockets)
+        try:
+            await Connector(backend, timeouts, args.socket_dir).connect(
+                accept, target, request.call_name, request.source)
+        finally:
+            with trio.CancelScope(shield=True):
+                for stream in sockets:
+                    await stream.aclose()
+        return EXIT_ALLOW
+
+    try:
+        return run_until_signal(run)
+    except (ConnectError, VchanError, ProtocolError, trio.TooSlowError, OSError) as exc:
+        log.error("policy.connect_failed", error=str(exc) or type(exc).__name__)
+        return EXIT_DENY
 
 
 def _decide(args: argparse.Namespace, request: Request) -> Decision:
-    if not is_request_id(args.request_id):
+    if args.request_id is not None and not is_request_id(args.request_id):
         return deny(request, "invalid request id (CID)")
     try:
         system_info = _system_info(args.system_info, request)

@@ -33,6 +33,8 @@ class LaunchError(Exception):
 class ServiceKind(enum.Enum):
     EXECUTABLE = "executable"
     SOCKET = "socket"
+    #: An R2-style handler: a non-executable file run with /bin/sh (multiplexer only).
+    SCRIPT = "script"
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,8 +61,14 @@ def _usable_name(name: str) -> bool:
     )
 
 
-def find_service(call: RpcCall, directories: Sequence[str]) -> FoundService:
-    """The handler for ``call``; raises :class:`LaunchError` (127 or 125) otherwise."""
+def find_service(
+    call: RpcCall, directories: Sequence[str], *, allow_scripts: bool = False
+) -> FoundService:
+    """The handler for ``call``; raises :class:`LaunchError` (127 or 125) otherwise.
+
+    With ``allow_scripts`` (the multiplexer, as in R2), a regular file without
+    the x bit is a handler too, to be run with ``/bin/sh``.
+    """
     for name in call.lookup_names:
         if not _usable_name(name):
             continue
@@ -76,6 +84,8 @@ def find_service(call: RpcCall, directories: Sequence[str]) -> FoundService:
                 return FoundService(path, ServiceKind.SOCKET)
             if stat.S_ISREG(info.st_mode) and os.access(path, os.X_OK):
                 return FoundService(path, ServiceKind.EXECUTABLE)
+            if stat.S_ISREG(info.st_mode) and allow_scripts:
+                return FoundService(path, ServiceKind.SCRIPT)
             raise LaunchError(
                 ExitCode.PROBLEM, f"service handler {path} is not executable nor a socket"
             )

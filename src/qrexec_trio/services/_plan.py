@@ -61,6 +61,8 @@ class Runner:
     directories: Sequence[str]
     base_env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     euid: int = field(default_factory=os.geteuid)
+    #: Run non-executable handler files with /bin/sh, as R2's multiplexer did.
+    allow_scripts: bool = False
 
     def identity_for(self, user: str | None) -> Identity:
         """As root: the requested user. Otherwise only ourselves (else 125)."""
@@ -109,7 +111,7 @@ class Runner:
         identity = self.identity_for(cmdline.user)
         if isinstance(cmdline.command, ShellCommand):
             return self._plan_shell(cmdline.command, identity)
-        return self._plan_rpc(cmdline.command, identity)
+        return self.plan_rpc(cmdline.command, identity)
 
     def _plan_shell(self, command: ShellCommand, identity: Identity) -> ProgramPlan:
         env = self.environment(identity, {})
@@ -127,8 +129,8 @@ class Runner:
             what="shell command",
         )
 
-    def _plan_rpc(self, call: RpcCall, identity: Identity) -> Plan:
-        found = find_service(call, self.directories)
+    def plan_rpc(self, call: RpcCall, identity: Identity) -> Plan:
+        found = find_service(call, self.directories, allow_scripts=self.allow_scripts)
         if found.kind is ServiceKind.SOCKET:
             return SocketPlan(
                 found.path, call.text.encode("utf-8", "surrogateescape") + b"\0", call.descriptor
@@ -144,7 +146,10 @@ class Runner:
             extra["QREXEC_REQUESTED_TARGET"] = call.target
         elif call.target_type == "keyword" and call.target is not None:
             extra["QREXEC_REQUESTED_TARGET_KEYWORD"] = call.target
-        argv = [found.path] + ([call.argument] if call.argument else [])
+        if found.kind is ServiceKind.SCRIPT:
+            argv = ["/bin/sh", found.path]  # R2: no arguments for such handlers
+        else:
+            argv = [found.path] + ([call.argument] if call.argument else [])
         cwd = None
         if identity.uid is not None:
             cwd = identity.home if identity.home and os.path.isdir(identity.home) else "/"

@@ -1,0 +1,44 @@
+"""The glue: relay bytes between two streams (the two legs of a VM-to-VM call).
+
+dom0 never parses what the VMs say to each other: once each leg has done its
+HELLO, bytes go through unchanged, one chunk in flight per direction (so the
+rings give backpressure end to end). The call ends when either side ends: a
+vchan has no half-close, so end-of-file from one VM means that VM is done, or
+gone. The caller closes both legs afterwards, which is what tells the other VM.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import trio
+
+_CHUNK: Final = 65536 + 8
+
+
+async def _copy(source: trio.abc.ReceiveStream, sink: trio.abc.SendStream,
+                done: trio.CancelScope) -> None:
+    try:
+        while data := await source.receive_some(_CHUNK):
+            await sink.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    done.cancel()
+
+
+async def glue(
+    first: trio.abc.Stream, second: trio.abc.Stream, *, first_pending: bytes = b"",
+    second_pending: bytes = b"",
+) -> None:
+    """Copy ``first`` <-> ``second`` until either ends.
+
+    ``*_pending`` are bytes already read from that stream (past its HELLO)
+    that must reach the other side before anything else.
+    """
+    async with trio.open_nursery() as nursery:
+        if first_pending:
+            await second.send_all(first_pending)
+        if second_pending:
+            await first.send_all(second_pending)
+        nursery.start_soon(_copy, first, second, nursery.cancel_scope)
+        nursery.start_soon(_copy, second, first, nursery.cancel_scope)

@@ -1,0 +1,234 @@
+"""Building the connection for an allowed VM-initiated call (one implementation).
+
+Used by the daemon (in-process policy), by ``qrexec-policy`` (R2: the policy
+program makes the second half of the connection) and by ``qrexec-client -c``.
+A call has a *source leg*, where dom0 plays the service side towards the
+calling VM (MSG_SERVICE_CONNECT with connect_domain 0), and, for a VM target,
+a *target leg*, where dom0 plays the caller towards the target VM
+(MSG_EXEC_CMDLINE ``USER:QUBESRPC SVC+ARG SOURCE`` with connect_domain 0,
+through the target's daemon socket). dom0 glues the two data vchans and never
+parses the bytes. For a dom0 target, the source leg is served by
+``qubes-rpc-multiplexer`` running the service here.
+
+Everything a connection opens lives in the scope of :meth:`Connector.connect`:
+leaving it (normally, by failure or by cancellation) closes both vchans and
+the daemon sockets and kills the multiplexer's process group.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Final
+
+import trio
+
+from .._config import Timeouts
+from .._logging import get_logger
+from ..nursery import FramedLink, glue, open_service, serve_data
+from ..protocol import (
+    CLIENT_PROTOCOL_VERSION,
+    DATA_RING_SIZE,
+    PROTOCOL_VERSION,
+    Direction,
+    ExecParams,
+    MsgType,
+    ProtocolError,
+    RpcCall,
+    ServiceConnect,
+    decode_exec_params,
+    negotiate_version,
+)
+from ..services import Identity, ProgramPlan
+from ..xen import Vchan, VchanBackend
+
+log = get_logger(__name__)
+
+#: Names that mean dom0 as a target.
+DOM0_NAMES: Final = ("dom0", "@adminvm", "uuid:00000000-0000-0000-0000-000000000000")
+
+
+class ConnectError(Exception):
+    """The connection could not be built; the message says why."""
+
+
+def program(name: str) -> str:
+    """One of our console scripts, from the same installation as this Python."""
+    return shutil.which(name, path=os.path.dirname(sys.executable)) or name
+
+
+async def request_port(
+    socket_dir: str, target: str, msg_type: MsgType, payload: bytes, timeouts: Timeouts
+) -> tuple[trio.SocketStream, int, int]:
+    """Send one request to ``target``'s daemon; returns (socket, domid, port).
+
+    The socket stays open for the whole call: the daemon closes it when the
+    agent reports the connection terminated.
+    """
+    path = os.path.join(socket_dir, f"qrexec.{target}")
+    try:
+        stream = await trio.open_unix_socket(path)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
+            raise ConnectError(f"qrexec-daemon for {target!r} is not running ({path})") from exc
+        raise ConnectError(f"cannot connect to {path}: {exc.strerror}") from exc
+    try:
+        link = FramedLink(stream, Direction.DAEMON_TO_CLIENT)
+        with trio.fail_after(timeouts.handshake):
+            version = negotiate_version(
+                CLIENT_PROTOCOL_VERSION, await link.receive_hello(), CLIENT_PROTOCOL_VERSION
+            )
+            link.version = version
+            await link.send_hello(CLIENT_PROTOCOL_VERSION)
+            await link.send(msg_type, payload)
+            reply = await link.receive()
+        if reply is None:
+            raise ConnectError(f"qrexec-daemon for {target!r} refused the request")
+        if reply.type != msg_type:
+            raise ProtocolError("reply.type", f"expected {msg_type.name}, got {reply.name}")
+        answer = decode_exec_params(reply.payload)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
+        raise
+    return stream, answer.connect_domain, answer.connect_port
+
+
+#: Answers the source VM's pending request: sends MSG_SERVICE_CONNECT and
+#: returns the (source domid, port) of the data vchan the VM now offers.
+AcceptSource = Callable[[], Awaitable[tuple[int, int]]]
+
+
+def accept_via_daemon_socket(
+    socket_dir: str, source: str, ident: bytes, timeouts: Timeouts, stack: list[trio.SocketStream]
+) -> AcceptSource:
+    """The source leg through the source's daemon socket (qrexec-policy, qrexec-client -c).
+
+    The daemon socket is kept (in ``stack``) until the call ends.
+    """
+
+    async def accept() -> tuple[int, int]:
+        stream, domid, port = await request_port(
+            socket_dir, source, MsgType.SERVICE_CONNECT, ServiceConnect(0, 0, ident).encode(),
+            timeouts,
+        )
+        stack.append(stream)
+        return domid, port
+
+    return accept
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where an allowed call goes, as the policy decided."""
+
+    name: str
+    user: str
+    #: The target as the VM asked for it (for a dom0 service's environment).
+    requested: str
+
+    @property
+    def is_dom0(self) -> bool:
+        return self.name in DOM0_NAMES
+
+
+def target_cmdline(target: Target, descriptor: str, source: str) -> bytes:
+    """``USER:QUBESRPC SVC+ARG SOURCE``; a descriptor without ``+`` gets one (§7.4)."""
+    if "+" not in descriptor:
+        descriptor += "+"
+    return f"{target.user}:QUBESRPC {descriptor} {source}".encode("utf-8", "surrogateescape")
+
+
+def dom0_service_call(target: Target, descriptor: str, source: str) -> RpcCall:
+    """The dom0 form: ``SVC+ARG SOURCE name|keyword TARGET`` (keyword without its ``@``)."""
+    if "+" not in descriptor:
+        descriptor += "+"
+    name, _, argument = descriptor.partition("+")
+    requested = target.requested
+    kind, value = ("keyword", requested[1:]) if requested.startswith("@") else ("name", requested)
+    return RpcCall(descriptor, name, argument, source, kind, value or "dom0")
+
+
+class Connector:
+    """Builds connections for allowed calls; one per dom0 program."""
+
+    def __init__(self, backend: VchanBackend, timeouts: Timeouts, socket_dir: str) -> None:
+        self.backend = backend
+        self.timeouts = timeouts
+        self.socket_dir = socket_dir
+
+    async def connect(
+        self, accept_source: AcceptSource, target: Target, descriptor: str, source: str
+    ) -> int | None:
+        """Build and run the whole call; returns a dom0 service's exit status.
+
+        For a VM target the target leg is set up *before* the source is
+        answered, so that a target that cannot be reached is a refusal, not
+        a half-open call.
+        """
+        if target.is_dom0:
+            return await self._dom0_service(accept_source, dom0_service_call(
+                target, descriptor, source))
+        await self._vm_to_vm(accept_source, target, target_cmdline(target, descriptor, source))
+        return None
+
+    async def _open_source(self, accept_source: AcceptSource) -> FramedLink:
+        domid, port = await accept_source()
+        vchan = await self.backend.connect(domid, port, timeout=self.timeouts.data_vchan_connect)
+        return FramedLink(vchan, Direction.CALLER_TO_SERVICE)
+
+    async def _dom0_service(self, accept_source: AcceptSource, call: RpcCall) -> int:
+        link = await self._open_source(accept_source)
+        async with link.stream:
+            with trio.fail_after(self.timeouts.handshake):
+                # As the reference's dom0 service side: read the VM's HELLO first.
+                peer = await link.receive_hello()
+                link.version = negotiate_version(PROTOCOL_VERSION, peer)
+                await link.send_hello(PROTOCOL_VERSION)
+            argv = [program("qubes-rpc-multiplexer"), call.descriptor, call.source]
+            if call.target_type is not None and call.target is not None:
+                argv += [call.target_type, call.target]
+            plan = ProgramPlan(argv, dict(os.environ), Identity(name="dom0"),
+                               what=call.descriptor)
+            async with open_service(plan, self.timeouts) as end:
+                status = await serve_data(link, end)
+        log.info("dom0 service finished", service=call.descriptor, status=status)
+        return status
+
+    @asynccontextmanager
+    async def _target_leg(self, target: Target, cmdline: bytes) -> AsyncIterator[Vchan]:
+        stream, domid, port = await request_port(
+            self.socket_dir, target.name, MsgType.EXEC_CMDLINE,
+            ExecParams(0, 0, cmdline).encode(), self.timeouts,
+        )
+        async with stream:
+            listener = self.backend.listen(domid, port, read_min=DATA_RING_SIZE,
+                                           write_min=DATA_RING_SIZE)
+            async with listener:
+                vchan = await listener.accept(self.timeouts.data_vchan_accept)
+            async with vchan:
+                yield vchan
+
+    async def _vm_to_vm(self, accept_source: AcceptSource, target: Target,
+                        cmdline: bytes) -> None:
+        async with self._target_leg(target, cmdline) as target_vchan:
+            source = await self._open_source(accept_source)
+            async with source.stream:
+                target_link = FramedLink(target_vchan, Direction.SERVICE_TO_CALLER)
+                with trio.fail_after(self.timeouts.handshake):
+                    # dom0 ends both legs: read both HELLOs, then offer each leg the
+                    # lower version, so both agree on one chunk limit.
+                    source_version = await source.receive_hello()
+                    target_version = await target_link.receive_hello()
+                    version = min(PROTOCOL_VERSION, source_version, target_version)
+                    negotiate_version(PROTOCOL_VERSION, version)
+                    await source.send_hello(version)
+                    await target_link.send_hello(version)
+                log.info("glued", target=target.name, version=version)
+                await glue(source.stream, target_vchan, first_pending=source.take_buffered(),
+                           second_pending=target_link.take_buffered())
