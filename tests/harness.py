@@ -100,10 +100,12 @@ class VM:
             )
 
     def start_daemon(self, *extra: str, wait: bool = True) -> None:
-        env = self.host.env(0)
+        env = self.host.env(0, QREXEC_SERVICE_PATH=str(self.host.dom0_services))
         with open(self.daemon_log, "ab") as log:
             self.daemon = subprocess.Popen(
                 [program("qrexec-daemon"), "--direct", "--socket-dir", str(self.host.socket_dir),
+                 "--policy-d", str(self.host.policy_d), "--policy-dir",
+                 str(self.host.root / "policy-r2"),
                  "--log-level", "debug", *extra, str(self.domid), self.name, self.user],
                 env=env, stdout=log, stderr=log, stdin=subprocess.DEVNULL,
             )
@@ -154,6 +156,21 @@ class Host:
     def __post_init__(self) -> None:
         self.vchan_dir.mkdir(parents=True, exist_ok=True)
         self.socket_dir.mkdir(parents=True, exist_ok=True)
+        self.policy_d.mkdir(parents=True, exist_ok=True)
+        self.dom0_services.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def policy_d(self) -> Path:
+        """The policy.d of every daemon of this host (empty: everything is denied)."""
+        return self.root / "policy.d"
+
+    @property
+    def dom0_services(self) -> Path:
+        """dom0's service dir (QREXEC_SERVICE_PATH of the daemons)."""
+        return self.root / "rpc-dom0"
+
+    def set_policy(self, text: str, name: str = "50-test.policy") -> None:
+        (self.policy_d / name).write_text(text)
 
     @property
     def vchan_dir(self) -> Path:
@@ -193,7 +210,7 @@ class Host:
         return vm
 
     def start_daemon_for_fake_agent(
-        self, name: str, domid: int, user: str | None = None
+        self, name: str, domid: int, user: str | None = None, *extra: str
     ) -> tuple[VM, socket.socket]:
         """A daemon whose agent the test plays: returns the VM and the control vchan."""
         vm = self.add_vm(name, domid, user)
@@ -204,7 +221,7 @@ class Host:
         accepted: list[socket.socket] = []
         thread = threading.Thread(target=lambda: accepted.append(listener.accept()[0]))
         thread.start()
-        vm.start_daemon(wait=False)  # it makes its socket only once the agent answered
+        vm.start_daemon(*extra, wait=False)  # it makes its socket once the agent answered
         thread.join(20)
         listener.close()
         assert accepted, "the daemon did not connect to the control vchan"

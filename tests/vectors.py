@@ -172,6 +172,9 @@ def connect_unix(path: Path, timeout: float = 20.0) -> socket.socket:
 
 
 def listen_unix(path: Path) -> socket.socket:
+    """A vchan server's socket; a stale one from an earlier call on the port is replaced."""
+    if path.is_socket():
+        path.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(str(path))
     sock.listen(4)

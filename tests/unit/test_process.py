@@ -79,3 +79,37 @@ async def test_no_fd_leaks_into_children(tmp_path) -> None:
     finally:
         os.close(leaked)
     assert out == b""
+
+
+def test_ledger_lets_a_successor_kill_groups_left_behind(tmp_path) -> None:
+    """A program killed outright leaves its services; the next one reads the ledger."""
+    from qrexec_trio.nursery import GroupLedger
+
+    ledger = GroupLedger(str(tmp_path / "groups"))
+    import subprocess
+
+    orphan = subprocess.Popen(["sleep", "100"], process_group=0)
+    try:
+        ledger.record(orphan.pid)
+        # A recorded group whose leader was replaced by another process (a
+        # different start time) is not touched.
+        (tmp_path / "groups" / str(os.getpid())).write_text("1")
+        successor = GroupLedger(str(tmp_path / "groups"))
+        assert successor.reap_leftovers() == [orphan.pid]
+        assert orphan.wait(5) == -9
+        assert os.listdir(tmp_path / "groups") == []
+        successor.remove_if_empty()
+        assert not (tmp_path / "groups").exists()
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+            orphan.wait()
+
+
+async def test_child_process_writes_its_group_down_while_it_runs(tmp_path) -> None:
+    from qrexec_trio.nursery import GroupLedger
+
+    ledger = GroupLedger(str(tmp_path / "groups"))
+    async with child_process(["sleep", "100"], timeouts=FAST, ledger=ledger) as proc:
+        assert os.listdir(tmp_path / "groups") == [str(proc.pid)]
+    assert os.listdir(tmp_path / "groups") == []

@@ -3,6 +3,7 @@
 from ._errors import one_error as one_error
 from ._glue import glue as glue
 from ._link import FramedLink as FramedLink
+from ._process import GroupLedger as GroupLedger
 from ._process import child_process as child_process
 from ._process import exit_status as exit_status
 from ._process import terminate_group as terminate_group

@@ -13,7 +13,7 @@ import os
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Any
 
 import trio
@@ -22,6 +22,65 @@ from .._config import Timeouts
 from .._logging import get_logger
 
 log = get_logger(__name__)
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (field 22 of /proc/PID/stat), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+class GroupLedger:
+    """The process groups a long-lived program started, written down on disk.
+
+    A program killed outright (SIGKILL) cannot clean up: the groups of its
+    services live on. Its successor reads the ledger and ends them. A group
+    is killed only if it is provably the one recorded: its leader still has
+    the recorded start time, or the leader is gone (then no new process can
+    hold that id while members of the old group remain).
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+
+    def _path(self, pid: int) -> str:
+        return os.path.join(self.directory, str(pid))
+
+    def record(self, pid: int) -> None:
+        with open(self._path(pid), "w") as entry:
+            entry.write(_start_time(pid) or "")
+
+    def forget(self, pid: int) -> None:
+        with suppress(FileNotFoundError):
+            os.unlink(self._path(pid))
+
+    def remove_if_empty(self) -> None:
+        """At a clean exit: nothing is left running, so the ledger goes too."""
+        with suppress(OSError):
+            os.rmdir(self.directory)
+
+    def reap_leftovers(self) -> list[int]:
+        """Kill the groups a predecessor left behind; returns their ids."""
+        killed = []
+        for name in os.listdir(self.directory):
+            if not name.isdigit():
+                continue
+            pgid = int(name)
+            with open(self._path(pgid)) as entry:
+                recorded = entry.read().strip()
+            now = _start_time(pgid)
+            if now is None or now == recorded:
+                try:
+                    os.killpg(pgid, signal.SIGKILL)
+                    killed.append(pgid)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            self.forget(pgid)
+        return killed
 
 
 def exit_status(returncode: int) -> int:
@@ -74,6 +133,7 @@ async def child_process(
     user: int | None = None,
     group: int | None = None,
     extra_groups: Sequence[int] | None = None,
+    ledger: GroupLedger | None = None,
 ) -> AsyncIterator[trio.Process]:
     """Start ``argv`` in a new process group; kill the group if the scope fails.
 
@@ -100,6 +160,8 @@ async def child_process(
         close_fds=True,
         **options,
     )
+    if ledger is not None:
+        ledger.record(proc.pid)
     try:
         yield proc
     except BaseException:
@@ -108,7 +170,11 @@ async def child_process(
             await _close_pipes(proc)
             await terminate_group(proc, timeouts)
         raise
-    with trio.CancelScope(shield=True):
-        await _close_pipes(proc)
-        if proc.returncode is None:
-            await terminate_group(proc, timeouts)
+    else:
+        with trio.CancelScope(shield=True):
+            await _close_pipes(proc)
+            if proc.returncode is None:
+                await terminate_group(proc, timeouts)
+    finally:
+        if ledger is not None:
+            ledger.forget(proc.pid)

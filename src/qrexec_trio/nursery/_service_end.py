@@ -12,7 +12,7 @@ import trio
 from .._config import Timeouts
 from ..protocol import ExitCode
 from ..services import LaunchError, Plan, ProgramPlan, SocketPlan
-from ._process import child_process, exit_status
+from ._process import GroupLedger, child_process, exit_status
 from ._pump import ServiceEnd
 
 
@@ -46,7 +46,7 @@ class _EndOfOutputSignal(trio.abc.ReceiveStream):
 
 
 def _start(
-    plan: ProgramPlan, timeouts: Timeouts, **stdio: int
+    plan: ProgramPlan, timeouts: Timeouts, ledger: GroupLedger | None, **stdio: int
 ) -> AbstractAsyncContextManager[trio.Process]:
     identity = plan.identity
     return child_process(
@@ -58,12 +58,15 @@ def _start(
         user=identity.uid,
         group=identity.gid,
         extra_groups=identity.groups if identity.uid is not None else None,
+        ledger=ledger,
         **stdio,
     )
 
 
 @asynccontextmanager
-async def open_service(plan: Plan, timeouts: Timeouts) -> AsyncIterator[ServiceEnd]:
+async def open_service(
+    plan: Plan, timeouts: Timeouts, ledger: GroupLedger | None = None
+) -> AsyncIterator[ServiceEnd]:
     """Start ``plan``; raises :class:`LaunchError` if it cannot start.
 
     Leaving the scope with an exception kills the service's process group.
@@ -74,7 +77,7 @@ async def open_service(plan: Plan, timeouts: Timeouts) -> AsyncIterator[ServiceE
         return
     started = False
     try:
-        async with _start(plan, timeouts) as proc:
+        async with _start(plan, timeouts, ledger) as proc:
             started = True
             assert proc.stdin is not None and proc.stdout is not None
             assert proc.stderr is not None
@@ -117,7 +120,7 @@ async def _open_socket_service(plan: SocketPlan) -> AsyncIterator[ServiceEnd]:
         yield ServiceEnd(stream, output, None, wait, close_input)
 
 
-async def spawn_detached(plan: ProgramPlan, timeouts: Timeouts,
+async def spawn_detached(plan: ProgramPlan, timeouts: Timeouts, ledger: GroupLedger | None = None,
                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """MSG_JUST_EXEC: start with no stdio, report the start, reap it when it ends.
 
@@ -127,7 +130,7 @@ async def spawn_detached(plan: ProgramPlan, timeouts: Timeouts,
     started = False
     try:
         async with _start(
-            plan, timeouts, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            plan, timeouts, ledger, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         ) as proc:
             started = True

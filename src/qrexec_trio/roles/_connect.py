@@ -30,7 +30,7 @@ import trio
 
 from .._config import Timeouts
 from .._logging import get_logger
-from ..nursery import FramedLink, glue, open_service, serve_data
+from ..nursery import FramedLink, GroupLedger, glue, open_service, serve_data
 from ..protocol import (
     CLIENT_PROTOCOL_VERSION,
     DATA_RING_SIZE,
@@ -157,10 +157,13 @@ def dom0_service_call(target: Target, descriptor: str, source: str) -> RpcCall:
 class Connector:
     """Builds connections for allowed calls; one per dom0 program."""
 
-    def __init__(self, backend: VchanBackend, timeouts: Timeouts, socket_dir: str) -> None:
+    def __init__(self, backend: VchanBackend, timeouts: Timeouts, socket_dir: str,
+                 ledger: GroupLedger | None = None) -> None:
         self.backend = backend
         self.timeouts = timeouts
         self.socket_dir = socket_dir
+        #: Where dom0 services' process groups are written down (for a successor).
+        self.ledger = ledger
 
     async def connect(
         self, accept_source: AcceptSource, target: Target, descriptor: str, source: str
@@ -195,7 +198,7 @@ class Connector:
                 argv += [call.target_type, call.target]
             plan = ProgramPlan(argv, dict(os.environ), Identity(name="dom0"),
                                what=call.descriptor)
-            async with open_service(plan, self.timeouts) as end:
+            async with open_service(plan, self.timeouts, self.ledger) as end:
                 status = await serve_data(link, end)
         log.info("dom0 service finished", service=call.descriptor, status=status)
         return status

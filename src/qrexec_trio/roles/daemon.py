@@ -26,7 +26,7 @@ import trio
 
 from .._config import Timeouts
 from .._logging import get_logger
-from ..nursery import FramedLink, child_process, one_error
+from ..nursery import FramedLink, GroupLedger, child_process, one_error
 from ..policy import DEFAULT_POLICY_D, DEFAULT_R2_DIR
 from ..protocol import (
     CLIENT_PROTOCOL_VERSION,
@@ -104,7 +104,10 @@ class Daemon:
         #: R2 mode: run this program to decide *and* connect each request.
         self.policy_exec = policy_exec
         self.max_calls = max_calls
-        self.connector = Connector(backend, timeouts, socket_dir)
+        # dom0 services this daemon starts are written down, so that a daemon
+        # restarted after a SIGKILL can end what its predecessor left running.
+        self.ledger = GroupLedger(os.path.join(socket_dir, f"qrexec-daemon.{domid}.groups"))
+        self.connector = Connector(backend, timeouts, socket_dir, self.ledger)
         # Requests of this VM, from the trigger until their call ended, by ident.
         self._requests: dict[bytes, PendingRequest] = {}
         self.ports = PortTable(domid)
@@ -143,6 +146,15 @@ class Daemon:
         the start-up timeout; ``started`` fires once the agent is connected and
         the client socket is in place.
         """
+        leftovers = self.ledger.reap_leftovers()
+        if leftovers:
+            log.warning("killed services a previous daemon left running", groups=leftovers)
+        try:
+            await self._serve(task_status)
+        finally:
+            self.ledger.remove_if_empty()
+
+    async def _serve(self, task_status: trio.TaskStatus[None]) -> None:
         link = await self._connect_agent(self.timeouts.startup)
         with self._client_socket() as listener:
             task_status.started()
