@@ -130,6 +130,25 @@ class VM:
             env=self.host.env(0), capture_output=True, timeout=timeout, **kwargs,
         )
 
+    def client_vm_argv(self, target: str, service: str, *options: str) -> list[str]:
+        return [program("qrexec-client-vm"), "--agent-socket",
+                str(self.runtime_dir / "qrexec-agent"), *options, target, service]
+
+    def client_vm(self, target: str, service: str, *options: str, prog: list[str] = (),
+                  input: bytes | None = b"", timeout: float = 120,
+                  stdin=None) -> subprocess.CompletedProcess[bytes]:
+        """Run qrexec-client-vm inside this VM and wait for it."""
+        kwargs: dict = {"input": input} if stdin is None else {"stdin": stdin}
+        return subprocess.run(
+            [*self.client_vm_argv(target, service, *options), *prog],
+            env=self.host.env(self.domid), capture_output=True, timeout=timeout, **kwargs,
+        )
+
+    def start_client_vm(self, target: str, service: str, *options: str,
+                        **popen) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(self.client_vm_argv(target, service, *options),
+                                env=self.host.env(self.domid), **popen)
+
     def start_client(self, cmdline: str, *options: str, **popen) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [program("qrexec-client"), "--socket-dir", str(self.host.socket_dir),

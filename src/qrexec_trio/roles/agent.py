@@ -8,6 +8,11 @@ cancelling it kills the command's process group.
 
 When dom0's daemon goes away the agent keeps its running connections and
 offers the control vchan again, as the reference does.
+
+Calls that programs in this VM make go the other way; they come in on the
+trigger socket, the fdpass socket and the trigger FIFO, served by
+:mod:`._vm_requests` in the agent's nursery (see there, and :mod:`._vm_local`
+for why the FIFO sits beside today's socket rather than at its path).
 """
 
 from __future__ import annotations
@@ -16,7 +21,6 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import Final
 
 import structlog
 import trio
@@ -26,7 +30,9 @@ from .._logging import get_logger
 from .._systemd import sd_notify
 from ..nursery import (
     FramedLink,
+    GroupLedger,
     PeerGone,
+    one_error,
     open_service,
     send_spawn_failure,
     serve_data,
@@ -52,10 +58,10 @@ from ..protocol import (
 from ..services import LaunchError, Plan, ProgramPlan, Runner, service_path
 from ..xen import VchanBackend, VchanError, get_backend
 from ._cli import add_logging_options, run_long_lived, setup_logging
+from ._vm_local import DEFAULT_RUNTIME_DIR, DEFAULT_SOCKET_NAME
+from ._vm_requests import RequestPaths, SetupError, VmRequests
 
 log = get_logger(__name__)
-
-DEFAULT_RUNTIME_DIR: Final = "/var/run/qubes"
 
 
 class Agent:
@@ -66,6 +72,7 @@ class Agent:
         *,
         timeouts: Timeouts,
         runtime_dir: str = DEFAULT_RUNTIME_DIR,
+        agent_socket: str | None = None,
     ) -> None:
         self.backend = backend
         self.runner = runner
@@ -73,10 +80,35 @@ class Agent:
         self.runtime_dir = runtime_dir
         self._control: FramedLink | None = None
         self._ready_sent = False
+        # Services this agent starts are written down, so that an agent
+        # restarted after a SIGKILL can end what its predecessor left running.
+        self.ledger = GroupLedger(os.path.join(runtime_dir, "qrexec-agent.groups"))
+        socket_path = agent_socket or os.path.join(runtime_dir, DEFAULT_SOCKET_NAME)
+        self.requests = VmRequests(backend, self, RequestPaths.beside(socket_path),
+                                   timeouts=timeouts)
+
+    @property
+    def control_version(self) -> int | None:
+        return self._control.version if self._control is not None else None
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve dom0 until cancelled. ``started`` fires once the first daemon is connected."""
+        """Serve dom0 until cancelled. ``started`` fires once the first daemon is connected.
+
+        Raises :class:`SetupError` if the request side's sockets cannot be made.
+        """
+        leftovers = self.ledger.reap_leftovers()
+        if leftovers:
+            log.warning("killed services a previous agent left running", groups=leftovers)
+        try:
+            await self._serve(task_status)
+        finally:
+            self.ledger.remove_if_empty()
+
+    async def _serve(self, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as connections:
+            # Local programs may connect as soon as the files exist; their
+            # requests are refused until dom0 is there.
+            await connections.start(self.requests.serve)
             while True:
                 await self._serve_control_link(connections, task_status)
 
@@ -108,6 +140,7 @@ class Agent:
             log.error("control link dropped", error=str(exc))
         finally:
             self._control = None
+            self.requests.control_lost()
             with trio.CancelScope(shield=True):
                 await link.aclose()
 
@@ -115,26 +148,30 @@ class Agent:
         if message.type in (MsgType.EXEC_CMDLINE, MsgType.JUST_EXEC):
             params = decode_exec_request(message.payload)
             connections.start_soon(self._connection, connections, message.type, params)
-        elif message.type == MsgType.SERVICE_CONNECT:
-            connect = decode_service_connect(message.payload)
-            # Only VM-initiated calls have requests waiting for an answer, and
-            # this agent has made none: there is nothing to connect.
-            log.warning("SERVICE_CONNECT for a request this agent did not make",
-                        ident=connect.ident.decode())
-        elif message.type == MsgType.SERVICE_REFUSED:
-            ident = decode_service_refused(message.payload)
-            log.warning("SERVICE_REFUSED for a request this agent did not make",
-                        ident=ident.decode())
+        elif message.type in (MsgType.SERVICE_CONNECT, MsgType.SERVICE_REFUSED):
+            # An answer names a request by ident; one we cannot even read
+            # matches none, and must not cost the other calls their link.
+            try:
+                if message.type == MsgType.SERVICE_CONNECT:
+                    self.requests.connect(decode_service_connect(message.payload))
+                else:
+                    self.requests.refuse(decode_service_refused(message.payload))
+            except ProtocolError as exc:
+                log.warning("unreadable answer from dom0; ignored", type=message.name,
+                            error=str(exc))
 
-    async def _send_control(self, msg_type: MsgType, payload: bytes) -> None:
+    async def send_control(self, msg_type: MsgType, payload: bytes) -> bool:
+        """Send to dom0; ``False`` (logged) if there is no control link to send on."""
         link = self._control
         if link is None:
             log.warning("no control link; dropping message", type=msg_type.name)
-            return
+            return False
         try:
             await link.send(msg_type, payload)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             log.warning("control link gone; dropping message", type=msg_type.name)
+            return False
+        return True
 
     async def _connection(
         self, background: trio.Nursery, msg_type: int, params: ExecParams
@@ -155,7 +192,7 @@ class Agent:
                 log.warning("data vchan broke", error=str(exc) or type(exc).__name__)
             finally:
                 with trio.CancelScope(shield=True):
-                    await self._send_control(
+                    await self.send_control(
                         MsgType.CONNECTION_TERMINATED,
                         ExecParams(params.connect_domain, params.connect_port).encode(),
                     )
@@ -179,7 +216,7 @@ class Agent:
             if just_exec:
                 await self._just_exec(background, link, plan)
                 return
-            async with open_service(plan, self.timeouts) as end:
+            async with open_service(plan, self.timeouts, self.ledger) as end:
                 status = await serve_data(link, end)
             log.info("finished", status=status)
         except LaunchError as exc:
@@ -196,7 +233,7 @@ class Agent:
         if not isinstance(plan, ProgramPlan):
             raise LaunchError(ExitCode.PROBLEM, "JUST_EXEC of a socket service")
         # The command outlives its connection, but not the agent's nursery.
-        await background.start(spawn_detached, plan, self.timeouts)
+        await background.start(spawn_detached, plan, self.timeouts, self.ledger)
         await link.send(MsgType.DATA_EXIT_CODE, encode_exit_code(0))
 
 
@@ -221,11 +258,20 @@ def build_parser() -> argparse.ArgumentParser:
 async def run_agent(args: argparse.Namespace) -> int:
     timeouts = Timeouts.from_env()
     backend = get_backend(send_finish=timeouts.send_finish)
-    agent = Agent(backend, Runner(service_path()), timeouts=timeouts,
-                  runtime_dir=args.runtime_dir)
+    try:
+        agent = Agent(backend, Runner(service_path()), timeouts=timeouts,
+                      runtime_dir=args.runtime_dir, agent_socket=args.agent_socket)
+    except OSError as exc:  # the runtime dir, where the service ledger lives
+        log.error("cannot start", error=f"{exc.filename}: {exc.strerror}")
+        return 1
     log.info("qrexec-agent starting", domain=backend.own_domain, backend=backend.name,
              pid=os.getpid())
-    await agent.run()
+    try:
+        with one_error():
+            await agent.run()
+    except SetupError as exc:
+        log.error("cannot start", error=str(exc))
+        return 1
     return 0
 
 

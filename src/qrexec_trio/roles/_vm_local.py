@@ -1,0 +1,196 @@
+"""The local protocol between ``qrexec-client-vm`` and ``qrexec-agent`` inside one VM.
+
+Sans-IO: paths, byte layouts and a status-channel reader, shared by both
+programs so that the two ends cannot drift apart.
+
+**Paths.** Today's trigger socket lives at ``PATH`` (``--agent-socket``,
+default ``<runtime-dir>/qrexec-agent``). R2 put its trigger FIFO at that very
+path, but one path names one file, and today's clients expect a socket
+there. So the R2 files sit beside it: the fdpass socket at ``PATH-fdpass``
+and the FIFO at ``PATH-fifo``. With the default path that gives R2's own
+``qrexec-agent-fdpass``.
+
+**R2 request** (r2-design.md §4). The client connects three times to the
+fdpass socket; for each connection the agent writes the number of the fd it
+accepted as a raw 4-byte little-endian int. The three numbers, as the text
+``"N0 N1 N2"``, are the connection id (CID): socket 0 becomes the calling
+program's stdin, socket 1 its stdout, socket 2 the status channel. The client
+then writes one 128-byte record to the FIFO, ``service[64] target[32]
+cid[32]``, each field NUL-terminated and NUL-padded (one write of less than
+PIPE_BUF bytes, so records from concurrent clients never interleave).
+
+**Status channel** (socket 2; our own protocol, R2 had no way to report an
+outcome). The agent writes qrexec-framed messages (8-byte header
+``<type u32><len u32>``, then the payload):
+
+* any number of ``MSG_DATA_STDERR`` (0x192) with the remote service's stderr
+  (never an empty one), then
+* exactly one final message: ``MSG_DATA_EXIT_CODE`` (0x193, 4 bytes, signed
+  little-endian: the remote exit status, -1 if the data vchan died before one
+  came) or ``MSG_SERVICE_REFUSED`` (0x203, the 32-byte NUL-padded CID: dom0
+  refused the call),
+
+and then closes all three sockets. A client that will not read the channel
+(a local program that has socket 2 as its stderr) shuts down its read side,
+so the agent's writes fail at once and are dropped instead of filling the
+socket buffer. Bytes the client writes into socket 2 (that program's stderr)
+are read and dropped by the agent: today's protocol cannot carry the caller's
+stderr. The agent closing the sockets with no final message means the request
+was never answered (its record was dropped, or its sockets expired
+unclaimed).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+from typing import Final, final
+
+from ..protocol import (
+    HEADER_SIZE,
+    Message,
+    MsgType,
+    ProtocolError,
+    decode_header,
+    encode_exit_code,
+    encode_ident,
+    encode_message,
+    max_data_chunk,
+)
+
+DEFAULT_RUNTIME_DIR: Final = "/var/run/qubes"
+DEFAULT_SOCKET_NAME: Final = "qrexec-agent"
+DEFAULT_AGENT_SOCKET: Final = os.path.join(DEFAULT_RUNTIME_DIR, DEFAULT_SOCKET_NAME)
+
+#: The fd number the agent hands out on each fdpass connection.
+FD_NUMBER: Final = struct.Struct("<i")
+
+_IDENT_SIZE: Final = 32
+FIFO_RECORD_SIZE: Final = 128
+_FIFO_FIELDS: Final = (("service", 0, 64), ("target", 64, 96), ("cid", 96, 128))
+
+#: A CID is three canonical decimal numbers (no sign, no leading zeros).
+_CID: Final = re.compile(rb"(0|[1-9][0-9]{0,9}) (0|[1-9][0-9]{0,9}) (0|[1-9][0-9]{0,9})")
+
+
+def fdpass_path(agent_socket: str) -> str:
+    return f"{agent_socket}-fdpass"
+
+
+def fifo_path(agent_socket: str) -> str:
+    return f"{agent_socket}-fifo"
+
+
+# -- FIFO record ------------------------------------------------------------------
+
+
+def encode_fifo_record(service: bytes, target: bytes, cid: bytes) -> bytes:
+    """The 128-byte trigger record; raises :class:`ProtocolError` if a field does not fit."""
+    fields = dict(zip(("service", "target", "cid"), (service, target, cid), strict=True))
+    record = b""
+    for name, start, end in _FIFO_FIELDS:
+        value = fields[name]
+        if b"\0" in value:
+            raise ProtocolError(f"fifo.{name}", "contains a NUL byte")
+        if len(value) >= end - start:
+            raise ProtocolError(f"fifo.{name}", f"longer than {end - start - 1} bytes")
+        record += value.ljust(end - start, b"\0")
+    return record
+
+
+def decode_fifo_record(raw: bytes) -> tuple[bytes, bytes, bytes]:
+    """(service, target, cid) of a record; the fields' contents are checked by the caller."""
+    if len(raw) != FIFO_RECORD_SIZE:
+        raise ProtocolError("fifo", f"record must be {FIFO_RECORD_SIZE} bytes, got {len(raw)}")
+    values = []
+    for name, start, end in _FIFO_FIELDS:
+        field = raw[start:end]
+        nul = field.find(b"\0")
+        if nul < 0:
+            raise ProtocolError(f"fifo.{name}", "not NUL-terminated")
+        if field[nul:].count(0) != len(field) - nul:
+            raise ProtocolError(f"fifo.{name}", "bytes after the terminating NUL are not NUL")
+        values.append(field[:nul])
+    return values[0], values[1], values[2]
+
+
+# -- CID ----------------------------------------------------------------------------
+
+
+def format_cid(fds: tuple[int, int, int]) -> bytes:
+    return b" ".join(str(fd).encode() for fd in fds)
+
+
+def parse_cid(text: bytes) -> tuple[int, int, int]:
+    """Three distinct fd numbers, in their one canonical spelling, short enough to be
+    the request's ident."""
+    if len(text) >= _IDENT_SIZE:
+        raise ProtocolError("cid", f"longer than {_IDENT_SIZE - 1} bytes")
+    match = _CID.fullmatch(text)
+    if match is None:
+        raise ProtocolError("cid", "not three decimal numbers separated by single spaces")
+    fds = (int(match[1]), int(match[2]), int(match[3]))
+    if len(set(fds)) != 3:
+        raise ProtocolError("cid", "the three numbers are not distinct")
+    return fds
+
+
+# -- status channel ------------------------------------------------------------------
+
+_STATUS_BOUNDS: Final[dict[int, tuple[int, int]]] = {
+    MsgType.DATA_STDERR: (1, max_data_chunk(4)),
+    MsgType.DATA_EXIT_CODE: (4, 4),
+    MsgType.SERVICE_REFUSED: (32, 32),
+}
+
+
+def encode_status_stderr(data: bytes) -> bytes:
+    return encode_message(MsgType.DATA_STDERR, data)
+
+
+def encode_status_exit(status: int) -> bytes:
+    return encode_message(MsgType.DATA_EXIT_CODE, encode_exit_code(status))
+
+
+def encode_status_refused(ident: bytes) -> bytes:
+    return encode_message(MsgType.SERVICE_REFUSED, encode_ident(ident))
+
+
+@final
+class StatusReader:
+    """The client's parser of the status channel: feed bytes, take messages.
+
+    It enforces the grammar above: stderr chunks, then one final message,
+    then nothing.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._final_seen = False
+
+    def feed(self, data: bytes | bytearray) -> None:
+        self._buffer += data
+
+    def next_message(self) -> Message | None:
+        if len(self._buffer) < HEADER_SIZE:
+            return None
+        msg_type, length = decode_header(self._buffer[:HEADER_SIZE])
+        if self._final_seen:
+            raise ProtocolError("status", "a message after the final one")
+        bounds = _STATUS_BOUNDS.get(msg_type)
+        if bounds is None:
+            raise ProtocolError("status.type", f"0x{msg_type:x} is not a status message")
+        if not bounds[0] <= length <= bounds[1]:
+            raise ProtocolError("status.len", f"{length} outside {bounds[0]}..{bounds[1]}")
+        if len(self._buffer) < HEADER_SIZE + length:
+            return None
+        payload = bytes(self._buffer[HEADER_SIZE : HEADER_SIZE + length])
+        del self._buffer[: HEADER_SIZE + length]
+        self._final_seen = msg_type != MsgType.DATA_STDERR
+        return Message(msg_type, payload)
+
+    @property
+    def in_message(self) -> bool:
+        """Bytes of an unfinished message are buffered (an EOF now cut it short)."""
+        return bool(self._buffer)

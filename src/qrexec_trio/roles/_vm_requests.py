@@ -1,0 +1,692 @@
+"""The agent's request side: calls that programs in this VM make (wire-protocol.md §7.2,
+r2-design.md §4).
+
+Two ways in, both world-connectable (any local user may start a call, as in R2
+and today's qrexec):
+
+* **Today's trigger socket** (``PATH``, default ``<runtime-dir>/qrexec-agent``).
+  A client sends one MSG_TRIGGER_SERVICE4 frame. We name the request
+  ``SOCKET<fd>`` after the accepted socket, forward it to dom0, and keep the
+  socket: on refusal we close it; on MSG_SERVICE_CONNECT we write the raw
+  8-byte exec_params to it (the client then serves the data vchan itself)
+  and report MSG_CONNECTION_TERMINATED once the client closes it.
+* **The R2 path**: the fdpass socket ``PATH-fdpass`` and the trigger FIFO
+  ``PATH-fifo`` (R2 put the FIFO at ``PATH`` itself, where today's socket must
+  stay; one path cannot be both, so the FIFO moved beside it). The layouts,
+  the CID and the status channel on socket 2 are defined in
+  :mod:`._vm_local`. On MSG_SERVICE_CONNECT the **agent** serves the data
+  vchan and relays it to the client's three sockets.
+
+Hardening of the R2 CID, which in R2 bound whatever fd had that number: a CID
+binds only sockets this agent accepted on its fdpass socket, that are still
+unclaimed (each is claimed once) and not yet expired (``timeouts.cid_claim``),
+and that were all three connected by the same process (SO_PEERCRED), so a
+forged, stale, reused or mixed CID is refused with a log line and touches no
+socket.
+
+Requests wait in a table keyed by their ident until dom0 answers (at most
+``timeouts.request_answer``; a lost control link refuses them). Answers for
+idents not in the table are logged and ignored. Everything here lives in the
+nursery of :meth:`VmRequests.serve`; cancelling it closes every socket and the
+FIFO and removes their files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import os
+import socket
+import stat
+import struct
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Final, Generic, Protocol, TypeVar, final
+
+import structlog
+import trio
+
+from .._config import Timeouts
+from .._logging import get_logger
+from ..nursery import CallerEnd, FramedLink, call_data, one_error
+from ..protocol import (
+    DATA_RING_SIZE,
+    MAX_DATA_PORTS,
+    PROTOCOL_VERSION,
+    Direction,
+    ExecParams,
+    MsgType,
+    ProtocolError,
+    ServiceConnect,
+    TriggerRequest,
+    decode_trigger,
+)
+from ..xen import VchanBackend, VchanError
+from ._vm_local import (
+    FD_NUMBER,
+    FIFO_RECORD_SIZE,
+    decode_fifo_record,
+    encode_status_exit,
+    encode_status_refused,
+    encode_status_stderr,
+    fdpass_path,
+    fifo_path,
+    parse_cid,
+)
+
+log = get_logger(__name__)
+
+#: Sockets handed out on the fdpass socket and not yet claimed: a local user
+#: could otherwise exhaust the agent's fds by connecting and never claiming.
+MAX_UNCLAIMED: Final = 3 * MAX_DATA_PORTS
+_LISTEN_BACKLOG: Final = 64
+_TRIGGER_IDENT: Final = slice(128, 160)  # request_id in trigger_service_params4
+_PEERCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+class SetupError(Exception):
+    """A socket or the FIFO could not be created; the message says which and why."""
+
+
+class ClaimRefused(Exception):
+    """A CID that does not name three sockets this agent may hand over."""
+
+
+class ControlLink(Protocol):
+    """What the request side needs from the agent's control vchan."""
+
+    @property
+    def control_version(self) -> int | None:
+        """The negotiated version, or ``None`` while dom0 is not connected."""
+
+    async def send_control(self, msg_type: MsgType, payload: bytes) -> bool:
+        """Send one message to dom0; ``False`` if there is no link to send it on."""
+
+
+@dataclass(frozen=True)
+class RequestPaths:
+    trigger: str
+    fdpass: str
+    fifo: str
+
+    @classmethod
+    def beside(cls, agent_socket: str) -> RequestPaths:
+        return cls(agent_socket, fdpass_path(agent_socket), fifo_path(agent_socket))
+
+
+# -- the fdpass sockets' claim table -----------------------------------------------
+
+T = TypeVar("T")
+
+
+@dataclass
+class _HandedOut(Generic[T]):
+    item: T
+    peer: tuple[int, int, int]
+    claimed: trio.Event = field(default_factory=trio.Event)
+
+
+@final
+class ClaimTable(Generic[T]):
+    """Sockets accepted on the fdpass socket, by fd number, until a CID claims them."""
+
+    def __init__(self, limit: int = MAX_UNCLAIMED) -> None:
+        self._limit = limit
+        self._entries: dict[int, _HandedOut[T]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def add(self, fd: int, item: T, peer: tuple[int, int, int]) -> trio.Event | None:
+        """Register a handed-out socket; the event fires when it is claimed.
+
+        ``None`` if the table is full (the caller closes the socket).
+        """
+        if len(self._entries) >= self._limit:
+            return None
+        entry = self._entries[fd] = _HandedOut(item, peer)
+        return entry.claimed
+
+    def discard(self, fd: int, item: T) -> bool:
+        """Drop ``item`` if it is still unclaimed; ``True`` if it was (the caller closes it)."""
+        entry = self._entries.get(fd)
+        if entry is None or entry.item is not item:
+            return False
+        del self._entries[fd]
+        return True
+
+    def claim(self, cid: bytes) -> tuple[T, T, T]:
+        """Hand over the three sockets a CID names, or raise :class:`ClaimRefused`.
+
+        All or nothing: a refused CID leaves every entry as it was.
+        """
+        try:
+            fds = parse_cid(cid)
+        except ProtocolError as exc:
+            raise ClaimRefused(f"malformed CID: {exc.rule}") from None
+        missing = [fd for fd in fds if fd not in self._entries]
+        if missing:
+            raise ClaimRefused(
+                f"fd {missing[0]} is not an unclaimed fdpass socket of this agent "
+                "(never handed out, already claimed, or expired)"
+            )
+        entries = [self._entries[fd] for fd in fds]
+        if len({entry.peer[:2] for entry in entries}) != 1:
+            raise ClaimRefused("the three sockets were connected by different processes")
+        for fd, entry in zip(fds, entries, strict=True):
+            del self._entries[fd]
+            entry.claimed.set()
+        return entries[0].item, entries[1].item, entries[2].item
+
+
+# -- one R2 client's three sockets ------------------------------------------------
+
+
+@final
+class _ClientSockets:
+    """Socket 0 (the program's stdin), 1 (its stdout) and 2 (the status channel)."""
+
+    def __init__(self, streams: tuple[trio.SocketStream, ...], timeouts: Timeouts) -> None:
+        self.stdin, self.stdout, self.status = streams
+        self._timeouts = timeouts
+
+    async def send_status(self, frame: bytes) -> None:
+        """A status-channel frame, if the client still reads them (else it is dropped)."""
+        with trio.move_on_after(self._timeouts.handshake), contextlib.suppress(
+            trio.BrokenResourceError, trio.ClosedResourceError
+        ):
+            await self.status.send_all(frame)
+
+    async def end_stdin(self) -> None:
+        """Remote stdout ended: the program reads EOF on its stdin."""
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await self.stdin.send_eof()
+
+    async def aclose(self) -> None:
+        with trio.CancelScope(shield=True):
+            for stream in (self.stdin, self.stdout, self.status):
+                await trio.aclose_forcefully(stream)
+
+
+@final
+class _InputWatch(trio.abc.ReceiveStream):
+    """Socket 1 as the call's input, telling when the program closed its stdout."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self._stream = stream
+        self.at_eof = trio.Event()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        try:
+            data = await self._stream.receive_some(max_bytes)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            data = b""
+        if not data:
+            self.at_eof.set()
+        return data
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+@final
+class _StatusStderr(trio.abc.SendStream):
+    """Remote stderr as MSG_DATA_STDERR frames on the status channel."""
+
+    def __init__(self, status: trio.SocketStream) -> None:
+        self._status = status
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._status.send_all(encode_status_stderr(bytes(data)))
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._status.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        # The channel outlives the stderr stream: the final status follows.
+        await trio.lowlevel.checkpoint()
+
+
+@contextlib.contextmanager
+def _contained(what: str) -> Iterator[None]:
+    """One request's failure is logged and ends that request only, never the agent."""
+    try:
+        with one_error():
+            yield
+    except Exception:
+        log.exception(f"{what} failed")
+
+
+async def _drain(stream: trio.abc.ReceiveStream, what: str) -> None:
+    """Read and drop what the client writes where nobody listens, until it closes."""
+    dropped = 0
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        while data := await stream.receive_some():
+            dropped += len(data)
+    if dropped:
+        log.debug("dropped bytes the caller wrote", socket=what, bytes=dropped)
+
+
+# -- the request side -------------------------------------------------------------
+
+
+@dataclass
+class _Pending:
+    answered: trio.Event = field(default_factory=trio.Event)
+    answer: ServiceConnect | None = None
+
+
+@final
+class VmRequests:
+    def __init__(
+        self,
+        backend: VchanBackend,
+        control: ControlLink,
+        paths: RequestPaths,
+        *,
+        timeouts: Timeouts,
+    ) -> None:
+        self.backend = backend
+        self.control = control
+        self.paths = paths
+        self.timeouts = timeouts
+        self._requests: dict[bytes, _Pending] = {}
+        self._unclaimed: ClaimTable[trio.SocketStream] = ClaimTable()
+
+    # -- answers from dom0 (called by the agent's control loop) ----------------
+
+    def connect(self, connect: ServiceConnect) -> None:
+        self._answer(connect.ident, connect, "SERVICE_CONNECT")
+
+    def refuse(self, ident: bytes) -> None:
+        self._answer(ident, None, "SERVICE_REFUSED")
+
+    def _answer(self, ident: bytes, answer: ServiceConnect | None, what: str) -> None:
+        pending = self._requests.get(ident)
+        if pending is None or pending.answered.is_set():
+            log.warning(f"{what} for no pending request; ignored", request=ident.decode())
+            return
+        pending.answer = answer
+        pending.answered.set()
+
+    def control_lost(self) -> None:
+        """dom0's daemon went away: the requests it had are lost with it."""
+        for ident, pending in self._requests.items():
+            if not pending.answered.is_set():
+                log.warning("control link lost; request refused", request=ident.decode())
+                pending.answered.set()
+
+    # -- serving ----------------------------------------------------------------
+
+    async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Create the trigger socket, the fdpass socket and the FIFO; serve until cancelled.
+
+        Raises :class:`SetupError` (before ``started``) if one cannot be made.
+        """
+        with contextlib.ExitStack() as cleanup:
+            trigger = _listening_socket(self.paths.trigger, cleanup)
+            fdpass = _listening_socket(self.paths.fdpass, cleanup)
+            fifo = _open_fifo(self.paths.fifo, cleanup)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._accept, trigger, self._trigger_connection, nursery)
+                nursery.start_soon(self._accept, fdpass, self._hand_out, nursery)
+                nursery.start_soon(self._read_fifo, fifo, nursery)
+                log.info("accepting requests", trigger=self.paths.trigger,
+                         fdpass=self.paths.fdpass, fifo=self.paths.fifo)
+                task_status.started()
+
+    async def _accept(
+        self,
+        listener: trio.socket.SocketType,
+        handler: Callable[[trio.SocketStream], Awaitable[None]],
+        nursery: trio.Nursery,
+    ) -> None:
+        while True:
+            try:
+                sock, _ = await listener.accept()
+            except OSError as exc:
+                # Out of fds, most likely: back off instead of spinning.
+                log.error("cannot accept a request connection", error=str(exc))
+                await trio.sleep(self.timeouts.reconnect_backoff)
+                continue
+            nursery.start_soon(handler, trio.SocketStream(sock))
+
+    # -- asking dom0 ------------------------------------------------------------
+
+    async def _ask_dom0(self, request: TriggerRequest) -> ServiceConnect | None:
+        """Forward a validated request; dom0's MSG_SERVICE_CONNECT, or ``None`` if refused."""
+        ident = request.request_id
+        message = self._trigger_for_dom0(request)
+        if message is None:
+            return None
+        if ident in self._requests:
+            # Live idents name open fds, so this is a bug, not an attack; but
+            # two requests must never share one answer.
+            log.error("request refused: its ident is already pending")
+            return None
+        pending = self._requests[ident] = _Pending()
+        try:
+            if not await self.control.send_control(*message):
+                log.warning("request refused: dom0 is not connected")
+                return None
+            log.info("request forwarded")
+            with trio.move_on_after(self.timeouts.request_answer):
+                await pending.answered.wait()
+            if not pending.answered.is_set():
+                log.warning("request refused: dom0 did not answer",
+                            waited=self.timeouts.request_answer)
+            elif pending.answer is None:
+                log.info("request refused by dom0")
+            return pending.answer
+        finally:
+            del self._requests[ident]
+
+    def _trigger_for_dom0(self, request: TriggerRequest) -> tuple[MsgType, bytes] | None:
+        """The trigger message the connected daemon understands (TRIGGER4, 3 or 2)."""
+        version = self.control.control_version
+        if version is None:
+            log.warning("request refused: dom0 is not connected")
+            return None
+        version = min(version, 4)
+        if request.source and version < 4:
+            # Dropping the requested source would make a relayed call look like our own.
+            log.warning("request refused: the daemon's protocol cannot carry a source qube",
+                        version=version)
+            return None
+        message = dataclasses.replace(request, version=version)
+        try:
+            return message.msg_type, message.encode()
+        except ProtocolError as exc:
+            log.warning("request refused: it does not fit the daemon's protocol",
+                        version=version, error=str(exc))
+            return None
+
+    async def _terminated(self, connect: ServiceConnect) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(self.timeouts.cleanup):
+            await self.control.send_control(
+                MsgType.CONNECTION_TERMINATED,
+                ExecParams(connect.connect_domain, connect.connect_port).encode(),
+            )
+
+    # -- today's trigger socket -------------------------------------------------
+
+    async def _trigger_connection(self, stream: trio.SocketStream) -> None:
+        ident = b"SOCKET%d" % stream.socket.fileno()
+        with (
+            structlog.contextvars.bound_contextvars(request=ident.decode()),
+            _contained("trigger-socket request"),
+        ):
+            async with stream:
+                await self._trigger_request(stream, ident)
+
+    async def _trigger_request(self, stream: trio.SocketStream, ident: bytes) -> None:
+        request = await self._read_trigger(stream, ident)
+        if request is None:
+            return
+        with structlog.contextvars.bound_contextvars(
+            service=request.service_name.decode(), target=request.target.decode()
+        ):
+            connect = await self._ask_dom0(request)
+            if connect is None:
+                return  # closing the socket is today's refusal
+            try:
+                await self._connect_trigger_client(stream, connect)
+            finally:
+                await self._terminated(connect)
+
+    async def _read_trigger(
+        self, stream: trio.SocketStream, ident: bytes
+    ) -> TriggerRequest | None:
+        """The client's one MSG_TRIGGER_SERVICE4, renamed to ``ident`` and validated."""
+        link = FramedLink(stream, Direction.CLIENT_VM_TO_AGENT)
+        try:
+            with trio.fail_after(self.timeouts.client_request):
+                message = await link.receive()
+            if message is None:
+                log.info("trigger client closed before its request")
+                return None
+            # Today's agent overwrites the id in place and leaves the rest of the
+            # field as sent; validating the result keeps junk from reaching dom0.
+            raw = message.payload
+            field_ = raw[_TRIGGER_IDENT]
+            named = ident + b"\0" + field_[len(ident) + 1 :]
+            return decode_trigger(message.type, raw[: _TRIGGER_IDENT.start] + named
+                                  + raw[_TRIGGER_IDENT.stop :])
+        except ProtocolError as exc:
+            log.warning("invalid trigger refused", error=str(exc))
+        except trio.TooSlowError:
+            log.warning("trigger client sent no request in time",
+                        waited=self.timeouts.client_request)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.info("trigger client went away", error=str(exc) or type(exc).__name__)
+        return None
+
+    async def _connect_trigger_client(
+        self, stream: trio.SocketStream, connect: ServiceConnect
+    ) -> None:
+        """Tell the client where to serve the data vchan; wait until it is done."""
+        reply = ExecParams(connect.connect_domain, connect.connect_port).encode()
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            with trio.move_on_after(self.timeouts.handshake):
+                await stream.send_all(reply)
+            log.info("client connecting", domain=connect.connect_domain,
+                     port=connect.connect_port)
+        # The call runs between the client and the other side; its end is the
+        # client closing this socket (however long the call takes).
+        await _drain(stream, "trigger")
+        log.info("client finished", port=connect.connect_port)
+
+    # -- the R2 path: fdpass sockets --------------------------------------------
+
+    async def _hand_out(self, stream: trio.SocketStream) -> None:
+        """Tell a client its socket's fd number; close the socket if nobody claims it."""
+        with _contained("fdpass connection"):
+            await self._hold_unclaimed(stream)
+
+    async def _hold_unclaimed(self, stream: trio.SocketStream) -> None:
+        fd = stream.socket.fileno()
+        peer = _peer_credentials(stream.socket)
+        # Registered before the number leaves: the claim can never outrun the entry.
+        claimed = self._unclaimed.add(fd, stream, peer)
+        if claimed is None:
+            log.warning("too many unclaimed fdpass sockets; connection closed",
+                        limit=MAX_UNCLAIMED, pid=peer[0], uid=peer[1])
+            await trio.aclose_forcefully(stream)
+            return
+        try:
+            with trio.fail_after(self.timeouts.handshake):
+                await stream.send_all(FD_NUMBER.pack(fd))
+            log.debug("fdpass socket handed out", fd=fd, pid=peer[0], uid=peer[1])
+            with trio.move_on_after(self.timeouts.cid_claim):
+                await claimed.wait()
+        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.info("fdpass client went away", fd=fd, error=str(exc) or type(exc).__name__)
+        finally:
+            if self._unclaimed.discard(fd, stream):
+                log.info("fdpass socket closed unclaimed", fd=fd, pid=peer[0],
+                         waited=self.timeouts.cid_claim)
+                await trio.aclose_forcefully(stream)
+
+    # -- the R2 path: the trigger FIFO ---------------------------------------------
+
+    async def _read_fifo(self, fd: int, nursery: trio.Nursery) -> None:
+        # We hold a write end of our own, so reads never see end-of-file.
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            try:
+                raw = os.read(fd, FIFO_RECORD_SIZE)
+            except BlockingIOError:
+                continue
+            self._take_record(raw, nursery)
+
+    def _take_record(self, raw: bytes, nursery: trio.Nursery) -> None:
+        try:
+            service, target, cid = decode_fifo_record(raw)
+        except ProtocolError as exc:
+            log.warning("trigger record dropped", error=str(exc), size=len(raw))
+            return
+        with structlog.contextvars.bound_contextvars(
+            request=cid.decode("ascii", "replace"),
+            service=service.decode("ascii", "replace"),
+            target=target.decode("ascii", "replace"),
+        ):
+            try:
+                streams = self._unclaimed.claim(cid)
+            except ClaimRefused as exc:
+                log.warning("R2 request refused: bad connection id", reason=str(exc))
+                return
+            sockets = _ClientSockets(streams, self.timeouts)
+            try:
+                request = TriggerRequest(4, b"", target, cid, service)
+                decode_trigger(request.msg_type, request.encode())  # dom0's rules, checked here
+            except ProtocolError as exc:
+                log.warning("R2 request refused: invalid", error=str(exc))
+                request = None
+            nursery.start_soon(self._r2_request, cid, request, sockets)
+
+    async def _r2_request(
+        self, cid: bytes, request: TriggerRequest | None, sockets: _ClientSockets
+    ) -> None:
+        with _contained("R2 request"):
+            await self._r2_call(cid, request, sockets)
+
+    async def _r2_call(
+        self, cid: bytes, request: TriggerRequest | None, sockets: _ClientSockets
+    ) -> None:
+        try:
+            connect = await self._ask_dom0(request) if request is not None else None
+            if connect is None:
+                await sockets.send_status(encode_status_refused(cid))
+                return
+            try:
+                status = await self._serve_r2_call(connect, sockets)
+                if status is not None:
+                    await sockets.send_status(encode_status_exit(status))
+            finally:
+                await self._terminated(connect)
+        finally:
+            await sockets.aclose()
+
+    async def _serve_r2_call(self, connect: ServiceConnect, sockets: _ClientSockets) -> int | None:
+        """Serve the data vchan as the caller; the remote status (-1: the vchan died),
+        or ``None`` if the client went away first."""
+        domain, port = connect.connect_domain, connect.connect_port
+        try:
+            with one_error():
+                async with self.backend.listen(domain, port, read_min=DATA_RING_SIZE,
+                                               write_min=DATA_RING_SIZE) as listener:
+                    vchan = await listener.accept(self.timeouts.data_vchan_connect)
+                async with vchan:
+                    link = FramedLink(vchan, Direction.SERVICE_TO_CALLER)
+                    with trio.fail_after(self.timeouts.handshake):
+                        await link.exchange_hello(PROTOCOL_VERSION, send_first=True)
+                    log.info("call connected", domain=domain, port=port)
+                    status = await self._relay(link, sockets)
+        except (VchanError, ProtocolError, trio.TooSlowError, trio.BrokenResourceError,
+                trio.ClosedResourceError) as exc:
+            log.warning("data vchan failed", error=str(exc) or type(exc).__name__)
+            return -1
+        log.info("call finished", status=status)
+        return status
+
+    async def _relay(self, link: FramedLink, sockets: _ClientSockets) -> int | None:
+        source = _InputWatch(sockets.stdout)
+        end = CallerEnd(input=source, output=sockets.stdin, errors=_StatusStderr(sockets.status),
+                        close_output=sockets.end_stdin)
+        status: int | None = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._end_when_client_leaves, sockets, source.at_eof,
+                               nursery.cancel_scope)
+            status = await call_data(link, end, finish_timeout=self.timeouts.send_finish)
+            nursery.cancel_scope.cancel()
+        return status
+
+    async def _end_when_client_leaves(
+        self, sockets: _ClientSockets, input_done: trio.Event, call: trio.CancelScope
+    ) -> None:
+        """Cancel the call once the client closed all three sockets, after a grace period.
+
+        The program may well exit right after writing its last byte (its stdout
+        EOF went out as STDIN EOF); the service gets ``kill_grace`` to finish
+        with it before the vchan closes under it.
+        """
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_drain, sockets.stdin, "stdin")
+            nursery.start_soon(_drain, sockets.status, "status")
+            nursery.start_soon(input_done.wait)
+        log.info("caller closed its sockets", grace=self.timeouts.kill_grace)
+        await trio.sleep(self.timeouts.kill_grace)
+        log.warning("caller gone; ending the call")
+        call.cancel()
+
+
+# -- sockets and the FIFO on disk ------------------------------------------------
+
+
+def _peer_credentials(sock: trio.socket.SocketType) -> tuple[int, int, int]:
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    pid, uid, gid = _PEERCRED.unpack(raw)
+    return int(pid), int(uid), int(gid)
+
+
+def _remove_stale(path: str, is_kind: Callable[[int], bool]) -> None:
+    """Remove a leftover of a previous agent; never anything of another kind."""
+    try:
+        if is_kind(os.lstat(path).st_mode):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _unlink_if_same(path: str, inode: int) -> None:
+    with contextlib.suppress(OSError):
+        if os.lstat(path).st_ino == inode:
+            os.unlink(path)
+
+
+def _listening_socket(path: str, cleanup: contextlib.ExitStack) -> trio.socket.SocketType:
+    """A world-connectable unix socket at ``path``; closed and unlinked by ``cleanup``.
+
+    Bound synchronously (a unix path needs no resolution), so it is in place
+    before we report ready.
+    """
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = trio.socket.from_stdlib_socket(raw)
+    cleanup.callback(sock.close)
+    try:
+        _remove_stale(path, stat.S_ISSOCK)
+        raw.bind(path)
+        cleanup.callback(_unlink_if_same, path, os.lstat(path).st_ino)
+        os.chmod(path, 0o666)
+        raw.listen(_LISTEN_BACKLOG)
+    except OSError as exc:
+        raise SetupError(f"cannot create socket {path}: {exc.strerror or exc}") from exc
+    return sock
+
+
+def _open_fifo(path: str, cleanup: contextlib.ExitStack) -> int:
+    """The trigger FIFO (mode 0666), open for reading; closed and unlinked by ``cleanup``."""
+    try:
+        _remove_stale(path, stat.S_ISFIFO)
+        os.mkfifo(path, 0o666)
+        inode = os.lstat(path).st_ino
+        cleanup.callback(_unlink_if_same, path, inode)
+        os.chmod(path, 0o666)  # mkfifo honours the umask
+        flags = os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW
+        read_fd = os.open(path, os.O_RDONLY | flags)
+        cleanup.callback(_close_fd, read_fd)
+        # Our own writer: without one, every reader sees EOF when the last
+        # client closes, and would have to reopen the FIFO.
+        write_fd = os.open(path, os.O_WRONLY | flags)
+        cleanup.callback(os.close, write_fd)
+        if os.fstat(read_fd).st_ino != inode:
+            raise OSError(errno.EEXIST, "replaced while it was being opened")
+    except OSError as exc:
+        raise SetupError(f"cannot create FIFO {path}: {exc.strerror or exc}") from exc
+    return read_fd
+
+
+def _close_fd(fd: int) -> None:
+    trio.lowlevel.notify_closing(fd)
+    os.close(fd)
