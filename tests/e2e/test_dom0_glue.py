@@ -198,33 +198,8 @@ def test_flood_of_triggers_is_refused_above_the_limit_and_others_are_served(host
     assert vm2.client(f"{vm2.user}:echo fine").stdout == b"fine\n"
 
 
-def test_caller_gone_mid_stream_ends_the_target_service_and_frees_both_ports(
-    host: Host,
-) -> None:
-    vm2 = _vm2(host)
-    vm2.add_service("test.Sleep", "#!/bin/sh\necho started\nexec sleep 1000\n")
-    host.set_policy("test.Sleep * vm1 vm2 allow\n")
-    vm1 = FakeSourceAgent(host)
-    vm1.trigger("vm2", "test.Sleep")
-    port = vm1.expect_connect()
-    listener = vm1.offer_data_vchan(port)
-    data = Peer(listener.accept()[0])
-    listener.close()
-    data.send(HELLO, struct.pack("<I", 4))
-    assert data.receive() == (HELLO, struct.pack("<I", 4))
-    assert data.receive() == (DATA_STDOUT, b"started\n")
-    sleepers = [p for p in marked_processes(host.mark) if p.name() == "sleep"]
-    assert len(sleepers) == 1
-    data.close()  # the caller is gone
-    vm1.control.send(CONNECTION_TERMINATED, struct.pack("<II", 0, port))
-    wait_for(lambda: not _alive(sleepers[0]), what="the target service to be killed")
-    wait_for(lambda: vm2.daemon_events("port released"), what="the target leg's port")
-    wait_for(lambda: vm1.vm.daemon_events("port released"), what="the source leg's port")
-
-
-def test_target_agent_killed_mid_stream_ends_the_call_and_daemons_keep_serving(
-    host: Host,
-) -> None:
+def _sleeping_call(host: Host) -> tuple[VM, FakeSourceAgent, int, Peer]:
+    """vm1 calls a service in vm2 that says "started" and then sleeps."""
     vm2 = _vm2(host)
     vm2.add_service("test.Sleep", "#!/bin/sh\necho started\nexec sleep 1000\n")
     host.set_policy("test.Sleep * vm1 vm2 allow\ntest.Echo * vm1 vm2 allow\n")
@@ -237,6 +212,26 @@ def test_target_agent_killed_mid_stream_ends_the_call_and_daemons_keep_serving(
     data.send(HELLO, struct.pack("<I", 4))
     assert data.receive() == (HELLO, struct.pack("<I", 4))
     assert data.receive() == (DATA_STDOUT, b"started\n")
+    return vm2, vm1, port, data
+
+
+def test_caller_gone_mid_stream_ends_the_target_service_and_frees_both_ports(
+    host: Host,
+) -> None:
+    vm2, vm1, port, data = _sleeping_call(host)
+    sleepers = [p for p in marked_processes(host.mark) if p.name() == "sleep"]
+    assert len(sleepers) == 1
+    data.close()  # the caller is gone
+    vm1.control.send(CONNECTION_TERMINATED, struct.pack("<II", 0, port))
+    wait_for(lambda: not _alive(sleepers[0]), what="the target service to be killed")
+    wait_for(lambda: vm2.daemon_events("port released"), what="the target leg's port")
+    wait_for(lambda: vm1.vm.daemon_events("port released"), what="the source leg's port")
+
+
+def test_target_agent_killed_mid_stream_ends_the_call_and_daemons_keep_serving(
+    host: Host,
+) -> None:
+    vm2, vm1, port, data = _sleeping_call(host)
     vm2.kill_agent()
     # dom0 closes the source leg: the caller sees the end without an exit code.
     rest = []

@@ -16,3 +16,4 @@ from ._pump import send_spawn_failure as send_spawn_failure
 from ._pump import serve_data as serve_data
 from ._service_end import open_service as open_service
 from ._service_end import spawn_detached as spawn_detached
+from ._streams import EofWatch as EofWatch

@@ -14,35 +14,12 @@ from ..protocol import ExitCode
 from ..services import LaunchError, Plan, ProgramPlan, SocketPlan
 from ._process import GroupLedger, child_process, exit_status
 from ._pump import ServiceEnd
+from ._streams import EofWatch
 
 
 def _spawn_error(exc: OSError, what: str) -> LaunchError:
     status = ExitCode.SERVICE_NOT_FOUND if exc.errno == errno.ENOENT else ExitCode.PROBLEM
     return LaunchError(status, f"cannot start {what}: {exc.strerror or exc}")
-
-
-class _EndOfOutputSignal(trio.abc.ReceiveStream):
-    """A socket's receive side that tells when it reached end-of-file.
-
-    A socket service has no exit status: it is done when its output ends,
-    and then reports 0.
-    """
-
-    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
-        self._stream = stream
-        self.finished = trio.Event()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        try:
-            data = await self._stream.receive_some(max_bytes)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            data = b""
-        if not data:
-            self.finished.set()
-        return data
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
 
 
 def _start(
@@ -106,10 +83,11 @@ async def _open_socket_service(plan: SocketPlan) -> AsyncIterator[ServiceEnd]:
         ) from exc
     async with stream:
         await stream.send_all(plan.descriptor)
-        output = _EndOfOutputSignal(stream)
+        # A socket service has no exit status: it is done when its output ends.
+        output = EofWatch(stream)
 
         async def wait() -> int:
-            await output.finished.wait()
+            await output.at_eof.wait()
             return 0
 
         async def close_input() -> None:

@@ -49,7 +49,7 @@ import trio
 
 from .._config import Timeouts
 from .._logging import get_logger
-from ..nursery import CallerEnd, FramedLink, call_data, one_error
+from ..nursery import CallerEnd, EofWatch, FramedLink, call_data, one_error
 from ..protocol import (
     DATA_RING_SIZE,
     MAX_DATA_PORTS,
@@ -207,27 +207,6 @@ class _ClientSockets:
         with trio.CancelScope(shield=True):
             for stream in (self.stdin, self.stdout, self.status):
                 await trio.aclose_forcefully(stream)
-
-
-@final
-class _InputWatch(trio.abc.ReceiveStream):
-    """Socket 1 as the call's input, telling when the program closed its stdout."""
-
-    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
-        self._stream = stream
-        self.at_eof = trio.Event()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        try:
-            data = await self._stream.receive_some(max_bytes)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            data = b""
-        if not data:
-            self.at_eof.set()
-        return data
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
 
 
 @final
@@ -591,7 +570,7 @@ class VmRequests:
         return status
 
     async def _relay(self, link: FramedLink, sockets: _ClientSockets) -> int | None:
-        source = _InputWatch(sockets.stdout)
+        source = EofWatch(sockets.stdout)  # socket 1: the program's output
         end = CallerEnd(input=source, output=sockets.stdin, errors=_StatusStderr(sockets.status),
                         close_output=sockets.end_stdin)
         status: int | None = None
