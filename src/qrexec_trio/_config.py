@@ -40,6 +40,10 @@ class Timeouts:
     policy: float = 120.0
     #: A VM's request must be answered (connected or refused) within this long.
     request_answer: float = 150.0
+    #: Creating and starting a DispVM (or autostarting a VM) until its qrexec is ready.
+    domain_start: float = 60.0
+    #: One admin call to the domain manager (qubesd, or the local world's).
+    admin_call: float = 60.0
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Timeouts:

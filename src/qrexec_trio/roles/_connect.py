@@ -23,13 +23,14 @@ import shutil
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final
 
 import trio
 
 from .._config import Timeouts
 from .._logging import get_logger
+from ..domains import Domains, disposable
 from ..nursery import FramedLink, GroupLedger, glue, open_service, serve_data
 from ..protocol import (
     CLIENT_PROTOCOL_VERSION,
@@ -57,6 +58,10 @@ class ConnectError(Exception):
     """The connection could not be built; the message says why."""
 
 
+class TargetNotRunning(ConnectError):
+    """The target's qrexec-daemon is not there."""
+
+
 def program(name: str) -> str:
     """One of our console scripts, from the same installation as this Python."""
     return shutil.which(name, path=os.path.dirname(sys.executable)) or name
@@ -75,7 +80,8 @@ async def request_port(
         stream = await trio.open_unix_socket(path)
     except OSError as exc:
         if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
-            raise ConnectError(f"qrexec-daemon for {target!r} is not running ({path})") from exc
+            raise TargetNotRunning(
+                f"qrexec-daemon for {target!r} is not running ({path})") from exc
         raise ConnectError(f"cannot connect to {path}: {exc.strerror}") from exc
     try:
         link = FramedLink(stream, Direction.DAEMON_TO_CLIENT)
@@ -131,10 +137,18 @@ class Target:
     user: str
     #: The target as the VM asked for it (for a dom0 service's environment).
     requested: str
+    #: Start the target if it is not running (policy ``autostart``).
+    autostart: bool = False
 
     @property
     def is_dom0(self) -> bool:
         return self.name in DOM0_NAMES
+
+    @property
+    def dispvm_template(self) -> str | None:
+        """For a new DispVM (``@dispvm:TEMPLATE``), its template."""
+        prefix = "@dispvm:"
+        return self.name[len(prefix):] if self.name.startswith(prefix) else None
 
 
 def target_cmdline(target: Target, descriptor: str, source: str) -> bytes:
@@ -158,10 +172,12 @@ class Connector:
     """Builds connections for allowed calls; one per dom0 program."""
 
     def __init__(self, backend: VchanBackend, timeouts: Timeouts, socket_dir: str,
-                 ledger: GroupLedger | None = None) -> None:
+                 ledger: GroupLedger | None = None, domains: Domains | None = None) -> None:
         self.backend = backend
         self.timeouts = timeouts
         self.socket_dir = socket_dir
+        #: The domain manager, for DispVMs and autostart (None: neither is possible).
+        self.domains = domains
         #: Where dom0 services' process groups are written down (for a successor).
         self.ledger = ledger
 
@@ -177,7 +193,19 @@ class Connector:
         if target.is_dom0:
             return await self._dom0_service(accept_source, dom0_service_call(
                 target, descriptor, source))
-        await self._vm_to_vm(accept_source, target, target_cmdline(target, descriptor, source))
+        template = target.dispvm_template
+        if template is None:
+            await self._vm_to_vm(accept_source, target,
+                                 target_cmdline(target, descriptor, source))
+            return None
+        if self.domains is None:
+            raise ConnectError("DispVMs are not available: no domain manager")
+        # The DispVM lives exactly as long as this call: created here, and
+        # destroyed when the scope ends, however it ends.
+        async with disposable(self.domains, template, self.timeouts) as name:
+            dispvm = replace(target, name=name, autostart=False)
+            await self._vm_to_vm(accept_source, dispvm,
+                                 target_cmdline(dispvm, descriptor, source))
         return None
 
     async def _open_source(self, accept_source: AcceptSource) -> FramedLink:
@@ -203,12 +231,25 @@ class Connector:
         log.info("dom0 service finished", service=call.descriptor, status=status)
         return status
 
+    async def _request_target(self, target: Target,
+                              cmdline: bytes) -> tuple[trio.SocketStream, int, int]:
+        request = ExecParams(0, 0, cmdline).encode()
+        try:
+            return await request_port(self.socket_dir, target.name, MsgType.EXEC_CMDLINE,
+                                      request, self.timeouts)
+        except TargetNotRunning:
+            domains = self.domains
+            if not target.autostart or domains is None:
+                raise
+        log.info("starting the target", target=target.name)
+        with trio.fail_after(self.timeouts.domain_start):
+            await domains.start(target.name)
+        return await request_port(self.socket_dir, target.name, MsgType.EXEC_CMDLINE,
+                                  request, self.timeouts)
+
     @asynccontextmanager
     async def _target_leg(self, target: Target, cmdline: bytes) -> AsyncIterator[Vchan]:
-        stream, domid, port = await request_port(
-            self.socket_dir, target.name, MsgType.EXEC_CMDLINE,
-            ExecParams(0, 0, cmdline).encode(), self.timeouts,
-        )
+        stream, domid, port = await self._request_target(target, cmdline)
         async with stream:
             listener = self.backend.listen(domid, port, read_min=DATA_RING_SIZE,
                                            write_min=DATA_RING_SIZE)

@@ -26,6 +26,7 @@ import trio
 
 from .._config import Timeouts
 from .._logging import get_logger
+from ..domains import Domains, DomainsError, QubesdDomains
 from ..nursery import FramedLink, GroupLedger, child_process, one_error
 from ..policy import DEFAULT_POLICY_D, DEFAULT_R2_DIR
 from ..protocol import (
@@ -91,6 +92,7 @@ class Daemon:
         decider: Decider | None = None,
         policy_exec: str | None = None,
         max_calls: int = DEFAULT_MAX_CALLS,
+        domains: Domains | None = None,
     ) -> None:
         self.backend = backend
         self.domid = domid
@@ -107,7 +109,7 @@ class Daemon:
         # dom0 services this daemon starts are written down, so that a daemon
         # restarted after a SIGKILL can end what its predecessor left running.
         self.ledger = GroupLedger(os.path.join(socket_dir, f"qrexec-daemon.{domid}.groups"))
-        self.connector = Connector(backend, timeouts, socket_dir, self.ledger)
+        self.connector = Connector(backend, timeouts, socket_dir, self.ledger, domains)
         # Requests of this VM, from the trigger until their call ended, by ident.
         self._requests: dict[bytes, PendingRequest] = {}
         self.ports = PortTable(domid)
@@ -239,8 +241,9 @@ class Daemon:
             try:
                 with one_error():
                     await self._run_request(pending)
-            except (ControlLinkDown, ConnectError, VchanError, ProtocolError, trio.TooSlowError,
-                    trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            except (ControlLinkDown, ConnectError, DomainsError, VchanError, ProtocolError,
+                    trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError,
+                    OSError) as exc:
                 log.warning("call failed", error=str(exc) or type(exc).__name__)
             finally:
                 with trio.CancelScope(shield=True):
@@ -265,17 +268,13 @@ class Daemon:
         if not verdict.allowed or verdict.target is None:
             log.info("request denied")
             return
-        if verdict.target.startswith("@dispvm"):
-            log.warning("request refused: DispVM targets are not available yet",
-                        target=verdict.target)
-            return
         log.info("request allowed", target=verdict.target, user=verdict.user)
 
         async def accept_source() -> tuple[int, int]:
             return self.domid, await self.answer(pending)
 
         goal = Target(verdict.target, verdict.user or "DEFAULT",
-                      verdict.requested_target or target)
+                      verdict.requested_target or target, autostart=verdict.autostart)
         await self.connector.connect(accept_source, goal, call_name, self.name)
         log.info("call finished")
 
@@ -522,6 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
     policy.add_argument("--policy-exec", metavar="PROGRAM",
                         help="R2 mode: run 'PROGRAM -- SOURCE TARGET SERVICE[+ARG] IDENT', "
                         "which decides and connects the call itself (e.g. qrexec-policy)")
+    policy.add_argument("--qubesd-socket", metavar="PATH",
+                        help="the domain manager's admin socket, for DispVMs and autostart "
+                        "(qubesd's /run/qubesd.sock, or a local world's)")
     policy.add_argument("--max-calls", type=int, default=DEFAULT_MAX_CALLS, metavar="N",
                         help="VM-initiated calls of this VM at once; more are refused at once "
                         f"(default {DEFAULT_MAX_CALLS})")
@@ -559,6 +561,8 @@ async def _run_daemon(args: argparse.Namespace) -> int:
         decider=_decider(args),
         policy_exec=args.policy_exec,
         max_calls=args.max_calls,
+        domains=(QubesdDomains(args.qubesd_socket, call_timeout=timeouts.admin_call)
+                 if args.qubesd_socket else None),
     )
     ready_fd = os.environ.pop(READY_FD_ENV, None)
 

@@ -1,9 +1,11 @@
-"""qrexec-trio demo: a scripted dom0 -> VM session in a temp dir.
+"""qrexec-trio demo: the local world, narrated, checked step by step.
 
-It starts a VM (a qrexec-agent with domain id 42 and its own service dir) and
-dom0's qrexec-daemon for it, as separate processes over the local vchan
-backend, then runs qrexec-client calls against it and checks every answer.
-It exits 0 only if every step behaved as shown, and leaves nothing behind.
+It starts the world of ``examples/demo.toml`` (dom0's daemons, VMs work,
+vault and personal, a DispVM template) as a separate process in a temp dir,
+then shows: a dom0 -> VM command, a VM -> VM call allowed by policy, a denied
+call, a DispVM call (its creation and destruction visible), and a cancelled
+call whose whole pipeline is torn down. Every step is checked; the demo exits
+0 only if every step behaved as shown, and the world leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -11,119 +13,168 @@ from __future__ import annotations
 import argparse
 import hashlib
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ._localvm import LocalVM
+from ._connect import program
 
-_SERVICES = {
-    "demo.Echo": '#!/bin/sh\necho "echo service in $(hostname), argument=${1:-none}, '
-    'called by $QREXEC_REMOTE_DOMAIN"\nexec cat\n',
-    "demo.Date": "#!/bin/sh\ndate -u +%Y-%m-%d\n",
-}
-
-
-@dataclass
-class Step:
-    title: str
-    command: str
-    options: tuple[str, ...] = ()
-    stdin: bytes = b""
-    expect_status: int = 0
-    expect_stdout: bytes | None = None
-    expect_stderr: bytes | None = None
+_REPO_EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "demo.toml"
 
 
 def _say(text: str = "") -> None:
     print(text, flush=True)
 
 
-def run_demo(workdir: Path, *, verbose: bool) -> int:
+def _show(label: str, data: bytes) -> None:
+    if len(data) > 300:
+        digest = hashlib.sha256(data).hexdigest()[:16]
+        _say(f"   {label}| ({len(data)} bytes, sha256 {digest}...)")
+        return
+    for line in data.decode(errors="replace").splitlines():
+        _say(f"   {label}| {line}")
+
+
+def _wait(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+class Demo:
+    def __init__(self, world_dir: Path) -> None:
+        self.world_dir = world_dir
+        self.failures: list[str] = []
+        self.checks = 0
+
+    def qrexec_trio(self, *args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+        argv = [program("qrexec-trio"), *args[:1], "--world", str(self.world_dir), *args[1:]]
+        _say(f"   $ qrexec-trio {' '.join(args)}")
+        return subprocess.run(argv, input=stdin, capture_output=True, timeout=120, check=False)
+
+    def check(self, what: str, ok: bool) -> None:
+        self.checks += 1
+        _say(f"   {'ok' if ok else 'FAILED'}: {what}")
+        if not ok:
+            self.failures.append(what)
+
+    def dispvms(self) -> list[str]:
+        vms = self.world_dir / "vms"
+        return sorted(p.name for p in vms.iterdir() if p.name.startswith("disp")) \
+            if vms.exists() else []
+
+    def step(self, number: int, title: str) -> None:
+        _say(f"\n-- step {number}: {title}")
+
+    def run_steps(self) -> None:
+        self.step(1, "dom0 runs a command in a VM (qrexec-client)")
+        result = self.qrexec_trio("run", "work", "sort", stdin=b"pear\napple\nfig\n")
+        _show("stdout", result.stdout)
+        self.check("sorted lines came back, exit 0",
+                   result.returncode == 0 and result.stdout == b"apple\nfig\npear\n")
+
+        self.step(2, "VM -> VM call allowed by policy: work asks vault to sign, "
+                  "the secret never leaves vault")
+        result = self.qrexec_trio("call", "work", "vault", "demo.Sign", stdin=b"invoice 42\n")
+        _show("stdout", result.stdout)
+        signature = result.stdout.strip()
+        self.check("a 64-hex-digit signature, exit 0", result.returncode == 0
+                   and len(signature) == 64 and all(c in b"0123456789abcdef" for c in signature))
+
+        self.step(3, "a denied call: personal may not use vault's signing service")
+        result = self.qrexec_trio("call", "personal", "vault", "demo.Sign", stdin=b"x")
+        _show("stderr", result.stderr)
+        self.check("refused with exit 126", result.returncode == 126
+                   and b"Request refused" in result.stderr)
+
+        self.step(4, "a DispVM call: work -> @dispvm demo.Reverse, a fresh VM for one call")
+        before = self.dispvms()
+        call = subprocess.Popen(
+            [program("qrexec-trio"), "call", "--world", str(self.world_dir), "work", "@dispvm",
+             "demo.Reverse"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        _say("   $ qrexec-trio call work @dispvm demo.Reverse")
+        created = _wait(lambda: len(self.dispvms()) > len(before), 30)
+        _say(f"   DispVM created: {', '.join(self.dispvms()) or 'none'}")
+        out, _ = call.communicate(b"stressed\n", timeout=60)
+        _show("stdout", out)
+        gone = _wait(lambda: self.dispvms() == before, 30)
+        _say(f"   after the call, DispVMs: {', '.join(self.dispvms()) or 'none'}")
+        self.check("reversed text from a DispVM that was created and then destroyed",
+                   created and gone and call.returncode == 0 and out == b"desserts\n")
+
+        self.step(5, "a cancelled call: the caller is killed mid-call")
+        call = subprocess.Popen(
+            [program("qrexec-trio"), "call", "--world", str(self.world_dir), "work", "@dispvm",
+             "demo.Reverse"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+        _say("   $ qrexec-trio call work @dispvm demo.Reverse   (stdin left open)")
+        created = _wait(lambda: len(self.dispvms()) > len(before), 30)
+        _say(f"   DispVM running: {', '.join(self.dispvms()) or 'none'}; killing the caller")
+        call.send_signal(signal.SIGKILL)
+        call.wait()
+        gone = _wait(lambda: self.dispvms() == before, 30)
+        _say(f"   after the kill, DispVMs: {', '.join(self.dispvms()) or 'none'}")
+        self.check("the whole pipeline, DispVM included, was torn down", created and gone)
+
+
+def run_demo(config: Path, workdir: Path, *, verbose: bool) -> int:
+    world_dir = workdir / "world"
+    _say(f"== qrexec-trio demo: the world of {config}, in {world_dir}")
     logs = None if verbose else subprocess.DEVNULL
-    _say(f"== qrexec-trio demo in {workdir}")
-    _say("   VM 'work' (domid 42): qrexec-agent, services " + ", ".join(_SERVICES))
-    vm = LocalVM(workdir, services=_SERVICES, logs=logs,
-                 log_options=("--log-format", "console", "--log-level", "info"))
+    world = subprocess.Popen(
+        [program("qrexec-trio"), "world", str(config), "--dir", str(world_dir),
+         "--log-format", "console"],
+        stdout=subprocess.PIPE, stderr=logs, stdin=subprocess.DEVNULL)
+    demo = Demo(world_dir)
     try:
-        vm.__enter__()
-    except RuntimeError as exc:
-        _say(f"!! {exc}")
-        return 1
-    user = vm.user
-    try:
-        _say("   dom0: qrexec-daemon connected to the agent; socket qrexec.42 (+ qrexec.work)")
-        steps = [
-            Step("a shell command with stdin, stdout, stderr and an exit code",
-                 f"{user}:sort; echo 'note on stderr' >&2; exit 3",
-                 stdin=b"pear\napple\nfig\n", expect_status=3,
-                 expect_stdout=b"apple\nfig\npear\n", expect_stderr=b"note on stderr\n"),
-            Step("an RPC service with an argument (DEFAULT: user substituted by the daemon)",
-                 "DEFAULT:QUBESRPC demo.Echo+hello dom0", stdin=b"ping\n"),
-            Step("a service that does not exist", f"{user}:QUBESRPC demo.Missing dom0",
-                 expect_status=127, expect_stdout=b""),
-            Step("a command killed by a signal", f"{user}:kill -TERM $$", expect_status=143),
-            Step("1 MiB of binary data through cat", f"{user}:cat",
-                 stdin=bytes(range(256)) * 4096, expect_stdout=bytes(range(256)) * 4096),
-            Step("JUST_EXEC: start a command without a data phase",
-                 f"{user}:touch {workdir}/just-exec-ran", options=("-e",)),
-        ]
-        failures = 0
-        for number, step in enumerate(steps, 1):
-            _say(f"\n-- step {number}: {step.title}")
-            _say(f"   $ qrexec-client {' '.join(step.options)} -d work '{step.command}'")
-            result = subprocess.run(
-                vm.client_argv(step.command, *step.options), input=step.stdin,
-                capture_output=True, env=vm.dom0_env, timeout=60, check=False,
-            )
-            if len(result.stdout) < 200:
-                for line in result.stdout.decode(errors="replace").splitlines():
-                    _say(f"   stdout| {line}")
-            else:
-                digest = hashlib.sha256(result.stdout).hexdigest()[:16]
-                _say(f"   stdout| ({len(result.stdout)} bytes, sha256 {digest}...)")
-            for line in result.stderr.decode(errors="replace").splitlines():
-                _say(f"   stderr| {line}")
-            problems = []
-            if result.returncode != step.expect_status:
-                problems.append(f"exit {result.returncode}, expected {step.expect_status}")
-            if step.expect_stdout is not None and result.stdout != step.expect_stdout:
-                problems.append("stdout differs from what was expected")
-            if step.expect_stderr is not None and result.stderr != step.expect_stderr:
-                problems.append("stderr differs from what was expected")
-            _say(f"   exit code {result.returncode}: " + ("; ".join(problems) or "as expected"))
-            failures += bool(problems)
-        # JUST_EXEC only reports the start: check that the command really ran.
-        ran = workdir / "just-exec-ran"
-        deadline = time.monotonic() + 10
-        while not ran.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        just_exec_ran = ran.exists()
-        if not just_exec_ran:
-            _say("!! the JUST_EXEC command did not run")
-        _say(f"\n== {len(steps) - failures} of {len(steps)} steps behaved as shown")
-        return 0 if failures == 0 and just_exec_ran else 1
+        assert world.stdout is not None
+        summary = []
+        for line in world.stdout:
+            summary.append(line.decode(errors="replace").rstrip())
+            if line.startswith(b"  stop:"):
+                break
+        if not (world_dir / "world.json").exists():
+            _say("!! the world did not come up")
+            return 1
+        for text in summary:
+            _say(f"   {text}")
+        demo.run_steps()
     finally:
-        vm.stop()
-        _say("== VM and daemon stopped")
+        world.send_signal(signal.SIGTERM)
+        try:
+            world.wait(60)
+        except subprocess.TimeoutExpired:
+            world.kill()
+            world.wait()
+    _say("\n-- the world stopped (SIGTERM)")
+    demo.check("the world's directory is gone", not world_dir.exists())
+    demo.check("the world exited cleanly", world.returncode == 0)
+    _say(f"\n== {demo.checks - len(demo.failures)} of {demo.checks} checks behaved as shown")
+    return 0 if not demo.failures else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="qrexec-trio demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="qrexec-trio demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", nargs="?", type=Path, default=_REPO_EXAMPLE,
+                        help=f"the world to run (default {_REPO_EXAMPLE})")
     parser.add_argument("-v", "--verbose", action="store_true",
-                        help="show the agent's and the daemon's logs")
-    parser.add_argument("--keep", action="store_true", help="keep the temp dir")
+                        help="show the world's logs (every connection)")
     args = parser.parse_args(argv)
+    if not args.config.exists():
+        print(f"qrexec-trio demo: no world config at {args.config}", file=sys.stderr)
+        return 1
     workdir = Path(tempfile.mkdtemp(prefix="qrexec-demo-"))
     try:
-        return run_demo(workdir, verbose=args.verbose)
+        return run_demo(args.config.resolve(), workdir, verbose=args.verbose)
     finally:
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -6,12 +6,16 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .. import __version__
-from . import agent, client, daemon, demo, policy
+from . import agent, client, daemon, demo, policy, world
 
 
 def _programs() -> dict[str, tuple[Callable[[list[str]], int], str]]:
     return {
-        "demo": (demo.main, "run the scripted dom0->VM demo in a temp dir"),
+        "demo": (demo.main, "the narrated demo: a local world, calls of every kind"),
+        "world": (world.world_main, "run a local world from a config file (foreground)"),
+        "call": (world.call_main, "call a service from a VM of the running world"),
+        "run": (world.run_main, "run a command in a VM of the running world, from dom0"),
+        "vms": (world.vms_main, "list the domains of the running world"),
         "daemon": (daemon.main, "qrexec-daemon (dom0, one per VM)"),
         "client": (client.main, "qrexec-client (dom0)"),
         "agent": (agent.main, "qrexec-agent (VM)"),

@@ -1,0 +1,59 @@
+'''A local world's config: which VMs exist, their services, and the policy.
+
+``qrexec-trio world CONFIG.toml`` starts a whole world from one TOML file.
+:func:`load_world_config` reads and checks all of it before anything starts;
+the first problem raises :class:`WorldConfigError`, whose text is
+``FILE:LINE: what is wrong`` (FILE is the config, or the policy file at fault).
+
+The format (every table and key is optional unless marked required; unknown
+keys are errors, so a typo never silently means a default)::
+
+    [world]
+    user = "alice"              # the VMs' default user; default: whoever runs the world
+
+    [dom0.services]             # services of dom0 itself, in the forms shown below
+    "my.Echo" = "exec cat"
+
+    [vm.work]                   # required: at least one VM. The name: a letter, then up
+                                # to 30 of A-Z a-z 0-9 _ . -; not dom0, not dispN
+    domid = 10                  # 1..32767, unique; default: the free ones from 10, in
+                                # file order
+    type = "AppVM"              # AppVM (default), StandaloneVM or TemplateVM
+    tags = ["trusted"]          # for @tag: in the policy
+    default_dispvm = "dvm"      # what @dispvm means for calls from work: a VM of this
+                                # world with template_for_dispvms = true
+    template_for_dispvms = false
+    autostart = true            # start with the world (default); else on first call
+    default_user = "alice"      # default: [world] user
+
+    [vm.work.services]          # file name = handler; "SERVICE" or "SERVICE+ARGUMENT"
+    "demo.Echo" = "exec cat"                    # a shell script body (run by /bin/sh)
+    "demo.Date" = { command = "date -u" }       # the same, spelt out
+    "qubes.Filecopy" = { file = "services/filecopy.sh" }
+                                # a script file, relative to the config file; it must
+                                # exist, be executable and start with "#!"
+
+    [policy]
+    rules = """                 # policy.d format: SERVICE ARG SOURCE TARGET ACTION [k=v]
+    demo.Echo * work vault allow
+    """
+    files = ["policy/extra.policy"]     # more policy.d files, relative to the config
+
+An inline body that starts with ``#!`` is a whole script (any interpreter);
+otherwise it is wrapped as ``#!/bin/sh\\n<body>\\n``. The policy is checked with
+the project's parser, errors reported at the config's line for inline rules and
+at the policy file's line for ``files``; rules may name only dom0 and the VMs
+of the world (``@dispvm:VM`` only DispVM templates), and ``!include`` is not
+allowed. Inline rules are evaluated first, then the files in the order listed;
+no matching rule denies.
+
+:func:`system_info_json` gives the ``--system-info`` JSON for the policy engine.
+'''
+
+from ._config import load_world_config as load_world_config
+from ._errors import WorldConfigError as WorldConfigError
+from ._spec import PolicyOrigin as PolicyOrigin
+from ._spec import ServiceSpec as ServiceSpec
+from ._spec import VMSpec as VMSpec
+from ._spec import WorldConfig as WorldConfig
+from ._system_info import system_info_json as system_info_json

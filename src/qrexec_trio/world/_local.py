@@ -1,0 +1,205 @@
+"""The local implementation of :class:`~qrexec_trio.domains.Domains`.
+
+Each VM is a ``qrexec-agent`` process with its own domain id, runtime dir and
+service dir, and dom0 runs one ``qrexec-daemon`` per VM; both are children of
+the world, in the VM's own cancel scope. Starting a VM starts both and
+returns once the daemon has its agent; killing it cancels the scope (the
+child-process scopes kill both process groups). A DispVM is a fresh VM with
+a copy of its template's services, removed with its directories when killed.
+"""
+
+from __future__ import annotations
+
+import builtins
+import dataclasses
+import itertools
+import os
+import shutil
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from .._config import Timeouts
+from .._logging import get_logger
+from ..domains import Domain, DomainsError
+from ..nursery import child_process, one_error
+from ..roles._connect import program
+from ._layout import WorldLayout
+
+log = get_logger(__name__)
+
+#: DispVMs get domain ids from here up, away from configured VMs.
+FIRST_DISPVM_ID = 1000
+
+
+@dataclass
+class LocalVM:
+    #: What the registry says; ``domid`` there is set only while it runs.
+    info: Domain
+    #: The id it runs with (it names its vchans, so it is fixed).
+    domid: int
+    services_dir: Path
+    runtime_dir: Path
+    #: For a DispVM, the template it was made from.
+    template: str | None = None
+    scope: trio.CancelScope | None = None
+    stopped: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def domain(self) -> Domain:
+        return dataclasses.replace(self.info, domid=self.domid if self.scope else None)
+
+
+class LocalDomains:
+    """Domains of a world on this machine; lives inside the world's nursery."""
+
+    def __init__(
+        self,
+        layout: WorldLayout,
+        vms: Sequence[LocalVM],
+        nursery: trio.Nursery,
+        timeouts: Timeouts,
+        *,
+        user: str,
+        log_options: Sequence[str] = (),
+    ) -> None:
+        self.layout = layout
+        self.user = user
+        self._vms = {vm.name: vm for vm in vms}
+        self._nursery = nursery
+        self._timeouts = timeouts
+        self._log_options = list(log_options)
+        self._dispvm_numbers = itertools.count(1)
+        # Starts and kills happen one at a time: a world is small, and this
+        # keeps "is it running?" and "which ids are taken?" simple and true.
+        self._lock = trio.Lock()
+
+    # -- the Domains protocol ------------------------------------------------------
+
+    async def list(self) -> list[Domain]:
+        await trio.lowlevel.checkpoint()
+        dom0 = Domain(name="dom0", type="AdminVM", domid=0)
+        return [dom0, *(vm.domain for vm in self._vms.values())]
+
+    async def start(self, name: str) -> None:
+        async with self._lock:
+            vm = self._get(name)
+            if vm.scope is not None:
+                return
+            vm.stopped = trio.Event()
+            with one_error(), trio.fail_after(self._timeouts.domain_start):
+                await self._nursery.start(self._run, vm)
+
+    async def create_disposable(self, template: str) -> str:
+        async with self._lock:
+            base = self._get(template)
+            if not base.info.template_for_dispvms:
+                raise DomainsError("QubesVMError", f"{template} is not a DispVM template")
+            name = f"disp{next(self._dispvm_numbers)}"
+            used = {vm.domid for vm in self._vms.values()}
+            domid = next(i for i in itertools.count(FIRST_DISPVM_ID) if i not in used)
+            root = self.layout.vm_dir(name)
+            await trio.to_thread.run_sync(shutil.copytree, base.services_dir, root / "rpc")
+            (root / "run").mkdir()
+            info = Domain(name=name, type="DispVM", tags=base.info.tags,
+                          default_user=base.info.default_user,
+                          default_dispvm=base.info.default_dispvm)
+            self._vms[name] = LocalVM(info, domid, root / "rpc", root / "run", template=template)
+            return name
+
+    async def kill(self, name: str) -> None:
+        async with self._lock:
+            await self._kill(self._get(name))
+
+    # -- the world's own needs -------------------------------------------------------
+
+    async def stop_all(self) -> None:
+        """Kill every VM, DispVMs (which are removed) first; used at shutdown."""
+        async with self._lock:
+            for vm in sorted(self._vms.values(), key=lambda v: v.template is None):
+                await self._kill(vm)
+
+    def get(self, name: str) -> LocalVM:
+        return self._get(name)
+
+    def local_vms(self) -> builtins.list[LocalVM]:
+        return list(self._vms.values())
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _get(self, name: str) -> LocalVM:
+        vm = self._vms.get(name)
+        if vm is None:
+            raise DomainsError("QubesVMNotFoundError", f"no such domain: {name}")
+        return vm
+
+    async def _kill(self, vm: LocalVM) -> None:
+        if vm.scope is not None:
+            vm.scope.cancel()
+            await vm.stopped.wait()
+        else:
+            await trio.lowlevel.checkpoint()
+        if vm.template is not None:
+            del self._vms[vm.name]
+            root = self.layout.vm_dir(vm.name)
+            await trio.to_thread.run_sync(lambda: shutil.rmtree(root, ignore_errors=True))
+            log.info("dispvm removed", dispvm=vm.name)
+
+    def _env(self, domid: int, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("QREXEC", "VCHAN"))}
+        env.update(VCHAN_DOMAIN=str(domid), VCHAN_SOCKET_DIR=str(self.layout.vchan_dir),
+                   **extra)
+        return env
+
+    async def _run(self, vm: LocalVM, task_status: trio.TaskStatus[None]) -> None:
+        """One VM's life: its agent and its daemon, until its scope is cancelled."""
+        layout = self.layout
+        agent_argv = [program("qrexec-agent"), "--runtime-dir", str(vm.runtime_dir),
+                      *self._log_options]
+        daemon_argv = [
+            program("qrexec-daemon"), "--direct", "--socket-dir", str(layout.socket_dir),
+            "--policy-d", str(layout.policy_d), "--policy-dir", str(layout.r2_policy_dir),
+            "--system-info", str(layout.system_info),
+            "--qubesd-socket", str(layout.qubesd_socket), *self._log_options,
+            str(vm.domid), vm.name, vm.info.default_user,
+        ]
+        try:
+            with trio.CancelScope() as scope:
+                vm.scope = scope
+                agent_env = self._env(vm.domid, QREXEC_SERVICE_PATH=str(vm.services_dir))
+                daemon_env = self._env(0, QREXEC_SERVICE_PATH=str(layout.dom0_services))
+                async with (
+                    child_process(agent_argv, timeouts=self._timeouts, env=agent_env,
+                                  stdin=subprocess.DEVNULL, stdout=None, stderr=None) as agent,
+                    child_process(daemon_argv, timeouts=self._timeouts, env=daemon_env,
+                                  stdin=subprocess.DEVNULL, stdout=None, stderr=None) as daemon,
+                    trio.open_nursery() as watch,
+                ):
+                    ready = layout.socket_dir / f"qrexec.{vm.domid}"
+                    while not ready.exists():
+                        if agent.returncode is not None or daemon.returncode is not None:
+                            raise DomainsError("QubesVMError", f"{vm.name} failed to start")
+                        await trio.sleep(0.02)
+                    log.info("vm started", vm=vm.name, domid=vm.domid)
+                    task_status.started()
+                    # A VM whose agent or daemon dies is halted, as a crashed VM would be.
+                    for proc, what in ((agent, "agent"), (daemon, "daemon")):
+                        watch.start_soon(_halt_when_gone, proc, what, vm.name, scope)
+        finally:
+            vm.scope = None
+            vm.stopped.set()
+            log.info("vm stopped", vm=vm.name)
+
+
+async def _halt_when_gone(proc: trio.Process, what: str, name: str,
+                          scope: trio.CancelScope) -> None:
+    status = await proc.wait()
+    log.warning(f"{what} of {name} exited; the vm is halted", status=status)
+    scope.cancel()

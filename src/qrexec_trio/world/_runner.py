@@ -1,0 +1,127 @@
+"""The local world: dom0's daemons, VM agents, a policy and DispVM templates,
+all on this machine, from one config file.
+
+Every program runs as on a real system, as a separate process speaking the
+real protocol over the local vchan backend. The world itself plays qubesd:
+it serves the admin socket through which the daemons create, start and kill
+DispVMs, backed by :class:`LocalDomains`. Stopping the world (cancellation)
+kills every VM and removes its directory: nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import trio
+
+from .._config import Timeouts
+from .._logging import get_logger
+from ..domains import Domain, serve_admin
+from . import ServiceSpec, WorldConfig, system_info_json
+from ._layout import WorldLayout
+from ._local import LocalDomains, LocalVM
+
+log = get_logger(__name__)
+
+
+class WorldError(Exception):
+    """The world cannot be set up here (its directory is in use, ...)."""
+
+
+def _write_services(directory: Path, services: tuple[ServiceSpec, ...]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for service in services:
+        path = directory / service.name
+        path.write_text(service.script)
+        path.chmod(0o755)
+
+
+def _claim(root: Path) -> None:
+    """Make ``root`` ours: refuse a live world there, clear a dead one."""
+    layout = WorldLayout(root)
+    if layout.state_file.exists():
+        try:
+            pid = int(layout.read_state()["pid"])
+            os.kill(pid, 0)
+        except (ValueError, KeyError, ProcessLookupError, OSError):
+            pass
+        else:
+            raise WorldError(f"a world is already running in {root} (pid {pid})")
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True, mode=0o755)
+
+
+def _lay_out(config: WorldConfig, layout: WorldLayout) -> list[LocalVM]:
+    for directory in (layout.vchan_dir, layout.socket_dir, layout.policy_d):
+        directory.mkdir(parents=True)
+    for name, text in config.policy_files:
+        (layout.policy_d / name).write_text(text)
+    layout.system_info.write_text(json.dumps(system_info_json(config), indent=1))
+    _write_services(layout.dom0_services, config.dom0_services)
+    vms = []
+    for spec in config.vms:
+        root = layout.vm_dir(spec.name)
+        _write_services(root / "rpc", spec.services)
+        (root / "run").mkdir(parents=True)
+        info = Domain(name=spec.name, type=spec.type, tags=tuple(spec.tags),
+                      default_user=spec.default_user, default_dispvm=spec.default_dispvm,
+                      template_for_dispvms=spec.template_for_dispvms)
+        vms.append(LocalVM(info, spec.domid, root / "rpc", root / "run"))
+    return vms
+
+
+class World:
+    def __init__(self, config: WorldConfig, root: Path, *, timeouts: Timeouts,
+                 log_options: tuple[str, ...] = ()) -> None:
+        self.config = config
+        self.layout = WorldLayout(root)
+        self.timeouts = timeouts
+        self.log_options = log_options
+
+    async def run(self, task_status: trio.TaskStatus[LocalDomains] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Bring the world up, report ``started``, serve until cancelled, then tear down."""
+        _claim(self.layout.root)
+        try:
+            vms = _lay_out(self.config, self.layout)
+            async with trio.open_nursery() as nursery:
+                domains = LocalDomains(self.layout, vms, nursery, self.timeouts,
+                                       user=self.config.user, log_options=self.log_options)
+                try:
+                    await nursery.start(serve_admin, domains, str(self.layout.qubesd_socket))
+                    for spec in self.config.vms:
+                        if spec.autostart:
+                            await domains.start(spec.name)
+                    self._write_state(domains)
+                    log.info("world ready", root=str(self.layout.root))
+                    task_status.started(domains)
+                    await trio.sleep_forever()
+                finally:
+                    with trio.CancelScope(shield=True):
+                        with trio.move_on_after(self.timeouts.cleanup * 4):
+                            await domains.stop_all()
+                        nursery.cancel_scope.cancel()
+        finally:
+            shutil.rmtree(self.layout.root, ignore_errors=True)
+            log.info("world stopped", root=str(self.layout.root))
+
+    def _write_state(self, domains: LocalDomains) -> None:
+        layout = self.layout
+        state = {
+            "pid": os.getpid(),
+            "config": str(self.config.path),
+            "vchan_dir": str(layout.vchan_dir),
+            "socket_dir": str(layout.socket_dir),
+            "qubesd_socket": str(layout.qubesd_socket),
+            "vms": {
+                vm.name: {"domid": vm.domid, "runtime_dir": str(vm.runtime_dir)}
+                for vm in domains.local_vms()
+            },
+        }
+        temporary = layout.state_file.with_suffix(".tmp")
+        temporary.write_text(json.dumps(state, indent=1))
+        temporary.rename(layout.state_file)  # readers never see half a file
