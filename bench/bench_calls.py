@@ -8,7 +8,7 @@ beside the same bytes through a local ``cat`` pipe; and the rate of sequential
 calls (dom0 -> VM and VM -> VM) beside spawning ``sh -c true`` and beside the
 client's own start-up (``qrexec-client --help``).
 
-Run: .venv/bin/python bench/bench_dom0_to_vm.py [--mib 256] [--calls 30]
+Run: .venv/bin/python bench/bench_calls.py [--mib 256] [--calls 30]
 """
 
 from __future__ import annotations
