@@ -31,6 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final
 
+from ..protocol import is_qube_name
 from ._interface import DomainsError
 
 #: The longest request and the longest reply either end accepts, in bytes.
@@ -48,12 +49,9 @@ MAX_KEYWORD_LEN: Final = 255
 MAX_KIND_LEN: Final = 255
 MAX_CLASS_LEN: Final = 64
 MAX_TAG_LEN: Final = 255
-#: Qube names as qubesd allows them (the same rule as the policy's).
-MAX_QUBE_NAME_LEN: Final = 31
 
 _METHOD: Final = re.compile(r"[A-Za-z0-9._]+")
 _ARG: Final = re.compile(r"[A-Za-z0-9._+@:-]*")
-_QUBE_NAME: Final = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 # The reference addresses a domain by ``uuid:<uuid>`` when the policy gave one.
 _UUID_NAME: Final = re.compile(r"uuid:[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-"
                                r"[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -80,10 +78,6 @@ class AdminProtocolError(DomainsError):
         super().__init__(PROTOCOL_ERROR, f"{field}: {rule}")
         self.field = field
         self.rule = rule
-
-
-def is_qube_name(text: str) -> bool:
-    return len(text) <= MAX_QUBE_NAME_LEN and _QUBE_NAME.fullmatch(text) is not None
 
 
 def is_domain_name(text: str) -> bool:

@@ -28,6 +28,7 @@ import trio
 
 from .._config import Timeouts
 from .._logging import get_logger
+from ..protocol import is_qube_name
 from ._admin import (
     COMMUNICATION_ERROR,
     MAX_REPLY_SIZE,
@@ -41,7 +42,6 @@ from ._admin import (
     decode_vm_list,
     encode_request,
     is_domain_name,
-    is_qube_name,
 )
 from ._interface import Domain, DomainsError
 

@@ -12,13 +12,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from ..protocol import is_qube_name
 from ._errors import PolicySyntaxError
 from ._names import (
     MAX_CALL_NAME_LEN,
     describe_argument_problem,
     describe_qube_problem,
     describe_service_problem,
-    is_qube_name,
     split_call_name,
 )
 from ._rules import Action, Location, Rule, TargetValue

@@ -14,9 +14,9 @@ from __future__ import annotations
 import re
 from typing import Final
 
+from ..protocol import MAX_QUBE_NAME_LEN, is_qube_name
+
 #: Qube names as the domain registry allows them: a letter, then letters,
-#: digits, ``_``, ``.``, ``-``; at most 31 characters.
-MAX_QUBE_NAME_LEN: Final = 31
 #: Linux NAME_MAX: a handler is a file named after the service.
 MAX_SERVICE_NAME_LEN: Final = 255
 #: ``SERVICE+ARG`` must fit the wire's 65,000-byte name field with its NUL.
@@ -28,7 +28,6 @@ MAX_REQUEST_ID_LEN: Final = 31
 MAX_USER_NAME_LEN: Final = 32
 MAX_TAG_LEN: Final = 255
 
-_QUBE_NAME: Final = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 _SERVICE_NAME: Final = re.compile(r"[A-Za-z0-9_.-]+")
 _ARGUMENT: Final = re.compile(r"[A-Za-z0-9_.+-]*")
 _USER_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
@@ -40,10 +39,6 @@ _REQUEST_ID: Final = re.compile(r"[0-9A-Za-z_. -]+")
 DOMAIN_TYPES: Final = frozenset(
     {"AdminVM", "AppVM", "DispVM", "StandaloneVM", "TemplateVM"}
 )
-
-
-def is_qube_name(text: str) -> bool:
-    return len(text) <= MAX_QUBE_NAME_LEN and _QUBE_NAME.fullmatch(text) is not None
 
 
 def is_service_name(text: str) -> bool:

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final
 
-from ._names import DOMAIN_TYPES, describe_qube_problem, is_qube_name, is_tag
+from ..protocol import is_qube_name
+from ._names import DOMAIN_TYPES, describe_qube_problem, is_tag
 
 ADMIN_VM_TYPE: Final = "AdminVM"
 _DOMAIN_KEYS: Final = frozenset({"type", "tags", "default_dispvm", "template_for_dispvms"})

@@ -28,8 +28,9 @@ import enum
 from dataclasses import dataclass
 from typing import Final
 
+from ..protocol import is_qube_name
 from ._lines import LineError
-from ._names import DOMAIN_TYPES, describe_qube_problem, is_qube_name, is_tag
+from ._names import DOMAIN_TYPES, describe_qube_problem, is_tag
 from ._system_info import DomainInfo, SystemInfo
 
 # --- what a request asks for, once validated -------------------------------------

@@ -32,6 +32,8 @@ from ._framing import Direction as Direction
 from ._framing import MessageReader as MessageReader
 from ._framing import check_header as check_header
 from ._framing import payload_bounds as payload_bounds
+from ._names import MAX_QUBE_NAME_LEN as MAX_QUBE_NAME_LEN
+from ._names import is_qube_name as is_qube_name
 from ._structs import ExecParams as ExecParams
 from ._structs import Message as Message
 from ._structs import ServiceConnect as ServiceConnect

@@ -15,6 +15,7 @@ import re
 import tomllib
 from typing import Final
 
+from ..protocol import is_qube_name
 from ._errors import WorldConfigError
 from ._policy import ADMIN_VM, parse_policy
 from ._services import parse_services
@@ -42,7 +43,6 @@ _VM_KEYS: Final = frozenset({
     "default_user", "services",
 })
 
-_VM_NAME: Final = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,30}")
 #: The names the world gives DispVMs; a declared VM must not be mistaken for one.
 _DISPVM_NAME: Final = re.compile(r"disp[0-9]+")
 _TAG: Final = re.compile(r"[A-Za-z0-9_.-]{1,255}")
@@ -207,7 +207,7 @@ def _check_vm_name(source: ConfigSource, where: KeyPath, name: str) -> None:
         raise source.error(
             where, "dom0 is the admin VM and cannot be a [vm]; its services go in [dom0.services]"
         )
-    if _VM_NAME.fullmatch(name) is None:
+    if not is_qube_name(name):
         raise source.error(
             where,
             f"invalid VM name {name!r}: a letter, then up to 30 of A-Z a-z 0-9 _ . -",
