@@ -15,17 +15,13 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-BIN = Path(sys.executable).parent
-WORLD = Path(__file__).resolve().parents[1] / "examples" / "minimal.toml"
+from _world import BIN, program_env, running_world
 
 
 def _pump(argv: list[str], env: dict[str, str] | None, source: Path) -> tuple[float, str]:
@@ -56,22 +52,10 @@ def main() -> None:
             for _ in range(args.mib):
                 f.write(block)
         want = hashlib.sha256(source.read_bytes()).hexdigest()
-        world_dir = workdir / "world"
-        world = subprocess.Popen([str(BIN / "qrexec-trio"), "world", str(WORLD), "--dir",
-                                  str(world_dir), "--log-level", "warning"],
-                                 stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 60
-            while not (world_dir / "world.json").exists():
-                if world.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("the world did not come up")
-                time.sleep(0.05)
-            state = json.loads((world_dir / "world.json").read_text())
-            base = {k: v for k, v in os.environ.items() if not k.startswith(("QREXEC", "VCHAN"))}
-            dom0 = dict(base, VCHAN_DOMAIN="0", VCHAN_SOCKET_DIR=state["vchan_dir"])
+        with running_world(workdir / "world") as state:
+            dom0 = program_env(state, 0)
             client = state["vms"]["client"]
-            in_client = dict(base, VCHAN_DOMAIN=str(client["domid"]),
-                             VCHAN_SOCKET_DIR=state["vchan_dir"])
+            in_client = program_env(state, client["domid"])
             user = "DEFAULT"
             dom0_cat = [str(BIN / "qrexec-client"), "--socket-dir", state["socket_dir"],
                         "-d", "server", f"{user}:cat"]
@@ -86,9 +70,6 @@ def main() -> None:
             vm_rate = _rate(args.calls, vm_echo, in_client)
             startup = _rate(args.calls, [str(BIN / "qrexec-client"), "--help"], None)
             spawn = _rate(args.calls, ["sh", "-c", "true"], None)
-        finally:
-            world.send_signal(signal.SIGTERM)
-            world.wait(60)
     mib = args.mib
     print(f"throughput, {mib} MiB in and out: dom0->VM {mib / dom0_s:7.1f} MiB/s, "
           f"VM->VM (glued in dom0) {mib / vm_s:7.1f} MiB/s; "

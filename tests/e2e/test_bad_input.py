@@ -84,6 +84,7 @@ def test_cmdline_without_user_part_is_125(vm1: VM) -> None:
     _still_serves(vm1)
 
 
+@pytest.mark.socket_vchan_peer
 @pytest.mark.parametrize(
     ("name", "msg_type", "payload", "logged"),
     [
@@ -111,6 +112,7 @@ def test_bad_agent_drops_the_control_link_and_the_daemon_recovers(
              timeout=30, interval=0.2, what="the daemon to serve the real agent")
 
 
+@pytest.mark.socket_vchan_peer
 def test_agent_hello_below_2_at_startup_fails_the_daemon(host: Host) -> None:
     vm, control = host.start_daemon_for_fake_agent("vm1", 42)
     agent = Peer(control)
@@ -120,6 +122,7 @@ def test_agent_hello_below_2_at_startup_fails_the_daemon(host: Host) -> None:
     assert _logged(vm.daemon_events(), "need >= 2")
 
 
+@pytest.mark.socket_vchan_peer
 def test_oversized_data_chunk_to_the_client_is_a_clear_error(host: Host) -> None:
     """A service side that sends more than the negotiated chunk limit."""
     vm = host.add_vm("vm1", 42)
@@ -140,6 +143,7 @@ def test_oversized_data_chunk_to_the_client_is_a_clear_error(host: Host) -> None
     assert b"header.len" in err and b"65537" in err
 
 
+@pytest.mark.socket_vchan_peer
 def test_oversized_stdin_chunk_to_the_agent_ends_that_call_only(vm1: VM, host: Host) -> None:
     """A caller that sends more than the negotiated chunk limit to the agent."""
     ctl_port = 700
@@ -170,6 +174,7 @@ def test_oversized_stdin_chunk_to_the_agent_ends_that_call_only(vm1: VM, host: H
     _still_serves(vm1)
 
 
+@pytest.mark.socket_vchan_peer
 def test_agent_drops_bad_daemon_and_offers_the_control_vchan_again(host: Host) -> None:
     vm = host.add_vm("vm1", 42)
     vm.start_agent()

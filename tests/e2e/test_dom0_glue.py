@@ -11,9 +11,12 @@ import socket
 import struct
 
 import psutil
+import pytest
 
 from harness import VM, Host, marked_processes, program, wait_for
 from vectors import Peer, connect_unix, listen_unix
+
+pytestmark = pytest.mark.socket_vchan_peer
 
 HELLO = 0x300
 DATA_STDIN, DATA_STDOUT, DATA_STDERR, DATA_EXIT_CODE = 0x190, 0x191, 0x192, 0x193

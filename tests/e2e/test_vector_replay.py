@@ -39,6 +39,8 @@ from vectors import (
     stream_bytes,
 )
 
+pytestmark = pytest.mark.socket_vchan_peer
+
 DOM0_TO_VM = [
     "a-dom0-to-vm-command",
     "b-dom0-to-vm-rpc",

@@ -22,6 +22,8 @@ import pytest
 from harness import VM, Host, program, wait_for
 from vectors import Peer, Record, connect_unix, load
 
+pytestmark = pytest.mark.socket_vchan_peer
+
 HELLO = 0x300
 DATA_STDIN, DATA_STDOUT, DATA_STDERR, DATA_EXIT_CODE = 0x190, 0x191, 0x192, 0x193
 SERVICE_CONNECT, SERVICE_REFUSED = 0x202, 0x203

@@ -5,6 +5,11 @@ HELLO, bytes go through unchanged, one chunk in flight per direction (so the
 rings give backpressure end to end). The call ends when either side ends: a
 vchan has no half-close, so end-of-file from one VM means that VM is done, or
 gone. The caller closes both legs afterwards, which is what tells the other VM.
+
+A side that cannot be written to any more only stops its own direction: the
+other direction still drains to its end-of-file, so that what a finished
+service sent last (its exit code) reaches the caller even when the caller's
+late input could no longer be delivered.
 """
 
 from __future__ import annotations
@@ -20,9 +25,13 @@ async def _copy(source: trio.abc.ReceiveStream, sink: trio.abc.SendStream,
                 done: trio.CancelScope) -> None:
     try:
         while data := await source.receive_some(_CHUNK):
-            await sink.send_all(data)
+            try:
+                await sink.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return  # the sink is gone: its own end-of-file will end the call
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
+    # The source ended: that side is done (or gone), and so is the call.
     done.cancel()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import resource
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -90,9 +91,18 @@ async def local_stdio() -> AsyncIterator[tuple[FdStream, FdStream, FdStream]]:
                 await stream.aclose()
 
 
+def raise_fd_limit() -> None:
+    """Use the hard limit on open files: a ring vchan holds several fds, and a
+    daemon or agent with hundreds of connections must not hit the soft one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def run_long_lived(main: Callable[[], Awaitable[int]]) -> int:
     """Run a daemon-like program: a requested stop is a clean exit (0), and a
     vchan that cannot be set up is a logged start-up failure (1)."""
+    raise_fd_limit()
     try:
         return run_until_signal(main, stopped_status=0)
     except VchanError as exc:

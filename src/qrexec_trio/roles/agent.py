@@ -135,7 +135,7 @@ class Agent:
                 task_status.started()
             while (message := await link.receive()) is not None:
                 self._dispatch(connections, message)
-            log.warning("dom0 closed the control vchan; offering it again")
+            log.info("dom0 closed the control vchan; offering it again")
         except (ProtocolError, trio.TooSlowError, trio.BrokenResourceError) as exc:
             log.error("control link dropped", error=str(exc))
         finally:

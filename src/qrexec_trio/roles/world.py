@@ -121,7 +121,7 @@ def call_main(argv: Sequence[str] | None = None) -> int:
         return 1
     vm = vms[args.source]
     env = dict(_base_env(), VCHAN_DOMAIN=str(vm["domid"]),
-               VCHAN_SOCKET_DIR=str(state["vchan_dir"]))
+               VCHAN_SOCKET_DIR=str(state["vchan_dir"]), QREXEC_VCHAN=str(state["vchan"]))
     agent_socket = os.path.join(vm["runtime_dir"], "qrexec-agent")
     return _exec([program("qrexec-client-vm"), "--agent-socket", agent_socket, args.target,
                   args.service, *args.prog], env)
@@ -138,7 +138,8 @@ def run_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("command", metavar="COMMAND")
     args = parser.parse_args(argv)
     state = _state(args.world)
-    env = dict(_base_env(), VCHAN_DOMAIN="0", VCHAN_SOCKET_DIR=str(state["vchan_dir"]))
+    env = dict(_base_env(), VCHAN_DOMAIN="0", VCHAN_SOCKET_DIR=str(state["vchan_dir"]),
+               QREXEC_VCHAN=str(state["vchan"]))
     options = ["-e"] if args.just_exec else []
     return _exec([program("qrexec-client"), "--socket-dir", str(state["socket_dir"]), *options,
                   "-d", args.vm, f"{args.user}:{args.command}"], env)

@@ -68,10 +68,13 @@ class LocalDomains:
         timeouts: Timeouts,
         *,
         user: str,
+        vchan: str,
         log_options: Sequence[str] = (),
     ) -> None:
         self.layout = layout
         self.user = user
+        #: The vchan backend every program of the world uses.
+        self.vchan = vchan
         self._vms = {vm.name: vm for vm in vms}
         self._nursery = nursery
         self._timeouts = timeouts
@@ -153,9 +156,12 @@ class LocalDomains:
             log.info("dispvm removed", dispvm=vm.name)
 
     def _env(self, domid: int, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("QREXEC", "VCHAN"))}
+        # The world's own settings (timeouts) reach its programs; where they
+        # live and which vchan they use is the world's to say.
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("QREXEC", "VCHAN")) or k.startswith("QREXEC_TIMEOUT_")}
         env.update(VCHAN_DOMAIN=str(domid), VCHAN_SOCKET_DIR=str(self.layout.vchan_dir),
-                   **extra)
+                   QREXEC_VCHAN=self.vchan, **extra)
         return env
 
     async def _run(self, vm: LocalVM, task_status: trio.TaskStatus[None]) -> None:

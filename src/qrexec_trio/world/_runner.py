@@ -20,6 +20,7 @@ import trio
 from .._config import Timeouts
 from .._logging import get_logger
 from ..domains import Domain, serve_admin
+from ..xen._registry import LOCAL_DEFAULT
 from . import ServiceSpec, WorldConfig, system_info_json
 from ._layout import WorldLayout
 from ._local import LocalDomains, LocalVM
@@ -81,6 +82,8 @@ class World:
         self.layout = WorldLayout(root)
         self.timeouts = timeouts
         self.log_options = log_options
+        #: The vchan backend of the world: $QREXEC_VCHAN, else the local default.
+        self.vchan = os.environ.get("QREXEC_VCHAN") or LOCAL_DEFAULT
 
     async def run(self, task_status: trio.TaskStatus[LocalDomains] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -90,7 +93,8 @@ class World:
             vms = _lay_out(self.config, self.layout)
             async with trio.open_nursery() as nursery:
                 domains = LocalDomains(self.layout, vms, nursery, self.timeouts,
-                                       user=self.config.user, log_options=self.log_options)
+                                       user=self.config.user, vchan=self.vchan,
+                                       log_options=self.log_options)
                 try:
                     await nursery.start(serve_admin, domains, str(self.layout.qubesd_socket))
                     for spec in self.config.vms:
@@ -114,6 +118,7 @@ class World:
         state = {
             "pid": os.getpid(),
             "config": str(self.config.path),
+            "vchan": self.vchan,
             "vchan_dir": str(layout.vchan_dir),
             "socket_dir": str(layout.socket_dir),
             "qubesd_socket": str(layout.qubesd_socket),
