@@ -10,7 +10,7 @@ from ._interface import VchanBackend as VchanBackend
 from ._interface import VchanConnectTimeout as VchanConnectTimeout
 from ._interface import VchanError as VchanError
 from ._interface import VchanListener as VchanListener
+from ._local import socket_name as socket_name
 from ._registry import available_backends as available_backends
 from ._registry import get_backend as get_backend
 from ._socket import SocketBackend as SocketBackend
-from ._socket import socket_name as socket_name

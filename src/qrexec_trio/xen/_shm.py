@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING, Final, final
 
 import trio
 
-from ._interface import Vchan, VchanBackend, VchanConnectTimeout, VchanError, VchanListener
+from ._interface import Vchan, VchanConnectTimeout, VchanError, VchanListener
+from ._local import LocalBackend, claim_socket_path, poll_until_offered
 from ._ring import RingVchan
 from ._shm_cffi import ffi, lib
-from ._socket import DEFAULT_SOCKET_DIR, socket_name
 
 if TYPE_CHECKING:
     from ._shm_cffi import CData  # only the stub has it
@@ -50,8 +50,6 @@ _FDS_SENT: Final = 3
 # received fd is closed, rather than the kernel silently dropping the excess.
 _FDS_ROOM: Final = 16
 _SEALS: Final = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
-_RETRY_FIRST: Final = 0.005
-_RETRY_MAX: Final = 0.1
 _BACKLOG: Final = 4
 
 
@@ -207,15 +205,6 @@ class ShmDriver:
             lib.shm_test_set_indexes(self._v, value)
 
 
-def _claim_path(path: str) -> None:
-    """Make room for our socket: replace a stale socket, never anything else."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise VchanError(f"cannot offer vchan at {path}: it exists and is not a socket")
-    os.unlink(path)
 
 
 @final
@@ -247,7 +236,7 @@ class ShmVchanListener(VchanListener):
             owned.remove(peer)
             # Bind synchronously, so the offer is there before listen() returns.
             raw = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            _claim_path(path)
+            claim_socket_path(path)
             raw.bind(path)
             raw.listen(_BACKLOG)
             st = os.lstat(path)
@@ -439,64 +428,39 @@ def _check_hello(msg: bytes, flags: int, fds: list[int]) -> str | None:
 
 
 @final
-class ShmBackend(VchanBackend):
+class ShmBackend(LocalBackend):
     name = "shm"
-
-    def __init__(
-        self,
-        socket_dir: str | None = None,
-        own_domain: int | None = None,
-        *,
-        send_finish: float = 2.0,
-    ) -> None:
-        self.socket_dir = socket_dir or os.environ.get("VCHAN_SOCKET_DIR", DEFAULT_SOCKET_DIR)
-        if own_domain is None:
-            raw = os.environ.get("VCHAN_DOMAIN", "0")
-            try:
-                own_domain = int(raw)
-            except ValueError:
-                raise VchanError(f"VCHAN_DOMAIN={raw!r} is not a domain id") from None
-        self.own_domain = own_domain
-        self._send_finish = send_finish
 
     def listen(
         self, peer_domain: int, port: int, *, read_min: int = 65536, write_min: int = 65536
     ) -> VchanListener:
-        path = os.path.join(self.socket_dir, socket_name(self.own_domain, peer_domain, port))
-        return ShmVchanListener(path, peer_domain, port, read_min, write_min,
-                                send_finish=self._send_finish)
+        return ShmVchanListener(self.server_path(peer_domain, port), peer_domain, port,
+                                read_min, write_min, send_finish=self._send_finish)
 
     async def connect(self, peer_domain: int, port: int, *, timeout: float) -> Vchan:
-        path = os.path.join(self.socket_dir, socket_name(peer_domain, self.own_domain, port))
-        delay = _RETRY_FIRST
-        try:
-            with trio.fail_after(timeout or float("inf")):
-                while True:
-                    try:
-                        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-                    except OSError as exc:
-                        raise VchanError(f"cannot connect vchan {path}: {exc}") from exc
-                    try:
-                        await sock.connect(path)
-                    except OSError as exc:
-                        sock.close()
-                        if exc.errno == errno.EPROTOTYPE:
-                            raise VchanError(
-                                f"{path} is not a shm vchan: not a packet socket "
-                                "(is the peer on another vchan backend?)"
-                            ) from None
-                        if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED):
-                            raise VchanError(f"cannot connect vchan {path}: {exc}") from exc
-                    except BaseException:
-                        sock.close()
-                        raise
-                    else:
-                        return await _handshake(sock, path, peer_domain, port,
-                                                self._send_finish)
-                    # The server has not offered the vchan yet: poll, as upstream does.
-                    await trio.sleep(delay)
-                    delay = min(delay * 2, _RETRY_MAX)
-        except trio.TooSlowError:
-            raise VchanConnectTimeout(
-                f"no vchan offered by domain {peer_domain} on port {port} within {timeout:g}s"
-            ) from None
+        path = self.client_path(peer_domain, port)
+
+        async def attempt() -> Vchan | None:
+            try:
+                sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            except OSError as exc:
+                raise VchanError(f"cannot connect vchan {path}: {exc}") from exc
+            try:
+                await sock.connect(path)
+            except OSError as exc:
+                sock.close()
+                if exc.errno == errno.EPROTOTYPE:
+                    raise VchanError(
+                        f"{path} is not a shm vchan: not a packet socket "
+                        "(is the peer on another vchan backend?)"
+                    ) from None
+                if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED):
+                    raise VchanError(f"cannot connect vchan {path}: {exc}") from exc
+                return None  # not offered yet
+            except BaseException:
+                sock.close()
+                raise
+            return await _handshake(sock, path, peer_domain, port, self._send_finish)
+
+        return await poll_until_offered(attempt, timeout=timeout,
+                                        what=f"domain {peer_domain} on port {port}")

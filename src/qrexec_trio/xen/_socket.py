@@ -13,27 +13,18 @@ cffi backends.
 from __future__ import annotations
 
 import errno
-import os
 import socket
-import stat
 from typing import Final, final
 
 import trio
 
-from ._interface import Vchan, VchanBackend, VchanConnectTimeout, VchanError, VchanListener
+from ._interface import Vchan, VchanConnectTimeout, VchanError, VchanListener
+from ._local import LocalBackend, claim_socket_path, poll_until_offered, remove_socket
 
-DEFAULT_SOCKET_DIR: Final = "/var/run/vchan"
-# Upstream's client polls every 100 ms; we start faster and back off to that.
-_RETRY_FIRST: Final = 0.005
-_RETRY_MAX: Final = 0.1
 # What buffer_space() reports: the chunk limit of the protocol, since a
 # socket has no ring whose free space we could read.
 _SOCKET_SPACE: Final = 65536
 _RECEIVE_SIZE: Final = 65536 + 8
-
-
-def socket_name(server_domain: int, client_domain: int, port: int) -> str:
-    return f"vchan.{server_domain}.{client_domain}.{port}.sock"
 
 
 @final
@@ -126,9 +117,9 @@ class SocketVchanListener(VchanListener):
         self._send_finish = send_finish
         # Bind synchronously (a unix path needs no resolution), so the offer is
         # in place before listen() returns and a client can never miss it.
+        claim_socket_path(path)
         raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            _remove_stale_socket(path)
             raw.bind(path)
             raw.listen(1)
         except OSError as exc:
@@ -156,68 +147,38 @@ class SocketVchanListener(VchanListener):
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-            _remove_stale_socket(self._path)
+            remove_socket(self._path)
         await trio.lowlevel.checkpoint()
 
 
-def _remove_stale_socket(path: str) -> None:
-    # Never unlink something that is not a socket: the directory is shared.
-    try:
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 @final
-class SocketBackend(VchanBackend):
+class SocketBackend(LocalBackend):
     name = "socket"
-
-    def __init__(
-        self,
-        socket_dir: str | None = None,
-        own_domain: int | None = None,
-        *,
-        send_finish: float = 2.0,
-    ) -> None:
-        self.socket_dir = socket_dir or os.environ.get("VCHAN_SOCKET_DIR", DEFAULT_SOCKET_DIR)
-        if own_domain is None:
-            raw = os.environ.get("VCHAN_DOMAIN", "0")
-            try:
-                own_domain = int(raw)
-            except ValueError:
-                raise VchanError(f"VCHAN_DOMAIN={raw!r} is not a domain id") from None
-        self.own_domain = own_domain
-        self._send_finish = send_finish
 
     def listen(
         self, peer_domain: int, port: int, *, read_min: int = 65536, write_min: int = 65536
     ) -> VchanListener:
-        path = os.path.join(self.socket_dir, socket_name(self.own_domain, peer_domain, port))
-        return SocketVchanListener(path, peer_domain, port, self._send_finish)
+        return SocketVchanListener(self.server_path(peer_domain, port), peer_domain, port,
+                                   self._send_finish)
 
     async def connect(self, peer_domain: int, port: int, *, timeout: float) -> Vchan:
-        path = os.path.join(self.socket_dir, socket_name(peer_domain, self.own_domain, port))
-        delay = _RETRY_FIRST
-        try:
-            with trio.fail_after(timeout or float("inf")):
-                while True:
-                    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                    try:
-                        await sock.connect(path)
-                    except OSError as exc:
-                        sock.close()
-                        if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED):
-                            raise VchanError(f"cannot connect vchan {path}: {exc}") from exc
-                    except BaseException:
-                        sock.close()
-                        raise
-                    else:
-                        return SocketVchan(sock, peer_domain, port, self._send_finish)
-                    # The server has not offered the vchan yet: poll, as upstream does.
-                    await trio.sleep(delay)
-                    delay = min(delay * 2, _RETRY_MAX)
-        except trio.TooSlowError:
-            raise VchanConnectTimeout(
-                f"no vchan offered by domain {peer_domain} on port {port} within {timeout:g}s"
-            ) from None
+        path = self.client_path(peer_domain, port)
+
+        async def attempt() -> Vchan | None:
+            sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                await sock.connect(path)
+            except OSError as exc:
+                sock.close()
+                if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED):
+                    raise VchanError(f"cannot connect vchan {path}: {exc}") from exc
+                return None  # not offered yet
+            except BaseException:
+                sock.close()
+                raise
+            return SocketVchan(sock, peer_domain, port, self._send_finish)
+
+        return await poll_until_offered(attempt, timeout=timeout,
+                                        what=f"domain {peer_domain} on port {port}")

@@ -27,6 +27,7 @@ from typing import Any, Final, final
 import trio
 
 from ._interface import Vchan, VchanBackend, VchanConnectTimeout, VchanError, VchanListener
+from ._local import poll_until_offered
 from ._ring import RingVchan
 
 #: Present in every Xen domain whose kernel has the Xen drivers.
@@ -37,8 +38,6 @@ MAX_RING_SIZE: Final = 1 << 20
 _DOMID_FIRST_RESERVED: Final = 0x7FF0
 _MAX_PORT: Final = (1 << 31) - 1
 # The client polls xenstore for the offer: start fast, back off to upstream's 100 ms.
-_RETRY_FIRST: Final = 0.005
-_RETRY_MAX: Final = 0.1
 
 _EXTENSION: Final = "qrexec_trio.xen._xen_cffi"
 _NOT_BUILT: Final = "the xen backend was not built (libxenvchan.h missing at install time)"
@@ -335,21 +334,13 @@ class XenBackend(VchanBackend):
 
     async def connect(self, peer_domain: int, port: int, *, timeout: float) -> Vchan:
         self._check(peer_domain, port)
-        delay = _RETRY_FIRST
-        try:
-            with trio.fail_after(timeout or float("inf")):
-                while True:
-                    await trio.lowlevel.checkpoint()
-                    driver = try_open_client(peer_domain, self.own_domain, port)
-                    if driver is not None:
-                        break
-                    await trio.sleep(delay)
-                    delay = min(delay * 2, _RETRY_MAX)
-        except trio.TooSlowError:
-            raise VchanConnectTimeout(
-                f"no vchan offered by domain {peer_domain} on port {port} within {timeout:g}s "
-                f"({offer_path(peer_domain, self.own_domain, port)} never appeared)"
-            ) from None
+        async def attempt() -> XenDriver | None:
+            await trio.lowlevel.checkpoint()
+            return try_open_client(peer_domain, self.own_domain, port)
+
+        what = (f"domain {peer_domain} on port {port} "
+                f"({offer_path(peer_domain, self.own_domain, port)})")
+        driver = await poll_until_offered(attempt, timeout=timeout, what=what)
         # No checkpoint between the open and here: the driver cannot leak.
         return RingVchan(driver, peer_domain, port, send_finish=self._send_finish)
 
