@@ -8,6 +8,7 @@ module ``qrexec_trio.xen._shm_cffi``. For quick iteration run this file from
 from __future__ import annotations
 
 import os
+import re
 
 from cffi import FFI  # type: ignore[import-untyped, unused-ignore]
 
@@ -21,55 +22,27 @@ def _rel(name: str) -> str:
 
 ffi = FFI()
 
-ffi.cdef(
+def _declarations() -> str:
+    """shm_ring.h as cffi declarations: the header is the one source of both.
+
+    Comments and preprocessor lines go; each constant becomes ``#define NAME
+    ...`` so that its value comes from the compiler, not from a second copy.
     """
-    #define SHM_MAGIC ...
-    #define SHM_VERSION ...
-    #define SHM_HEADER_SIZE ...
-    #define SHM_MIN_ORDER ...
-    #define SHM_MAX_ORDER ...
-    #define SHM_NOTIFY_WRITE ...
-    #define SHM_NOTIFY_READ ...
+    with open(os.path.join(_HERE, "shm_ring.h")) as header:
+        text = re.sub(r"/\*.*?\*/", "", header.read(), flags=re.S)
+    lines = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#define "):
+            name = stripped.split()[1]
+            if not name.endswith("_H"):  # not the include guard
+                lines.append(f"#define {name} ...")
+        elif not stripped.startswith("#"):
+            lines.append(line)
+    return "\n".join(lines)
 
-    struct shm_indexes { uint32_t cons; uint32_t prod; };
-    struct shm_header {
-        uint32_t magic;
-        uint32_t version;
-        struct shm_indexes left;
-        struct shm_indexes right;
-        uint16_t left_order;
-        uint16_t right_order;
-        uint8_t cli_live;
-        uint8_t srv_live;
-        uint8_t cli_notify;
-        uint8_t srv_notify;
-        uint8_t reserved[32];
-    };
-    struct shm_vchan;
 
-    size_t shm_region_size(unsigned left_order, unsigned right_order);
-    struct shm_vchan *shm_server_new(int memfd, int own_efd, int peer_efd,
-                                     unsigned read_order, unsigned write_order,
-                                     const char **why);
-    int shm_server_attach(struct shm_vchan *v, int sock);
-    struct shm_vchan *shm_client_new(int memfd, int own_efd, int peer_efd, int sock,
-                                     const char **why);
-
-    int shm_read(struct shm_vchan *v, void *buf, size_t size);
-    int shm_write(struct shm_vchan *v, const void *buf, size_t size);
-    int shm_recv(struct shm_vchan *v, void *buf, size_t size);
-    int shm_send(struct shm_vchan *v, const void *buf, size_t size);
-    int shm_data_ready(struct shm_vchan *v);
-    int shm_buffer_space(struct shm_vchan *v);
-    int shm_wait(struct shm_vchan *v);
-    int shm_fd_for_select(const struct shm_vchan *v);
-    int shm_is_open(struct shm_vchan *v);
-    void shm_close(struct shm_vchan *v);
-
-    struct shm_header *shm_header_of(struct shm_vchan *v);
-    void shm_test_set_indexes(struct shm_vchan *v, uint32_t value);
-    """
-)
+ffi.cdef(_declarations())
 
 ffi.set_source(
     "qrexec_trio.xen._shm_cffi",
