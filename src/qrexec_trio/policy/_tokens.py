@@ -117,72 +117,68 @@ class AnyVMToken:
         return True
 
 
-@dataclass(frozen=True)
-class AdminVMToken:
-    def __str__(self) -> str:
-        return "@adminvm"
+class _DomainToken:
+    """Tokens that match an existing domain by what it is (name, tag, type, role).
+
+    They match a caller that is such a domain, and a target that names one;
+    never ``@default`` or a new DispVM, which name no existing domain.
+    """
+
+    def matches_domain(self, domain: DomainInfo) -> bool:
+        raise NotImplementedError
 
     def matches_source(self, source: DomainInfo) -> bool:
-        return source.is_admin
+        return self.matches_domain(source)
 
     def matches_target(
         self, target: RequestTarget, source: DomainInfo, system_info: SystemInfo
     ) -> bool:
-        return isinstance(target, NamedTarget) and target.name == system_info.admin_vm
+        if not isinstance(target, NamedTarget):
+            return False
+        domain = system_info.domains.get(target.name)
+        return domain is not None and self.matches_domain(domain)
 
 
 @dataclass(frozen=True)
-class NameToken:
+class AdminVMToken(_DomainToken):
+    def __str__(self) -> str:
+        return "@adminvm"
+
+    def matches_domain(self, domain: DomainInfo) -> bool:
+        return domain.is_admin
+
+
+@dataclass(frozen=True)
+class NameToken(_DomainToken):
     name: str
 
     def __str__(self) -> str:
         return self.name
 
-    def matches_source(self, source: DomainInfo) -> bool:
-        return source.name == self.name
-
-    def matches_target(
-        self, target: RequestTarget, source: DomainInfo, system_info: SystemInfo
-    ) -> bool:
-        return isinstance(target, NamedTarget) and target.name == self.name
+    def matches_domain(self, domain: DomainInfo) -> bool:
+        return domain.name == self.name
 
 
 @dataclass(frozen=True)
-class TagToken:
+class TagToken(_DomainToken):
     tag: str
 
     def __str__(self) -> str:
         return f"@tag:{self.tag}"
 
-    def matches_source(self, source: DomainInfo) -> bool:
-        return self.tag in source.tags
-
-    def matches_target(
-        self, target: RequestTarget, source: DomainInfo, system_info: SystemInfo
-    ) -> bool:
-        if not isinstance(target, NamedTarget):
-            return False
-        domain = system_info.domains.get(target.name)
-        return domain is not None and self.tag in domain.tags
+    def matches_domain(self, domain: DomainInfo) -> bool:
+        return self.tag in domain.tags
 
 
 @dataclass(frozen=True)
-class TypeToken:
+class TypeToken(_DomainToken):
     domain_type: str
 
     def __str__(self) -> str:
         return f"@type:{self.domain_type}"
 
-    def matches_source(self, source: DomainInfo) -> bool:
-        return source.type == self.domain_type
-
-    def matches_target(
-        self, target: RequestTarget, source: DomainInfo, system_info: SystemInfo
-    ) -> bool:
-        if not isinstance(target, NamedTarget):
-            return False
-        domain = system_info.domains.get(target.name)
-        return domain is not None and domain.type == self.domain_type
+    def matches_domain(self, domain: DomainInfo) -> bool:
+        return domain.type == self.domain_type
 
 
 class _TargetOnlyToken:
