@@ -246,7 +246,8 @@ def test_allowed_call_on_todays_socket_end_to_end(vm1: tuple[VM, Dom0]) -> None:
 
 def test_program_on_todays_socket_runs_as_a_child(vm1: tuple[VM, Dom0]) -> None:
     vm, dom0 = vm1
-    script = 'read x; echo "prog got $x"; exit 4'
+    # SAVED_FD_1 is client-vm's own stdout, as on the R2 path.
+    script = 'read x; echo "prog got $x"; echo saved > /proc/self/fd/$SAVED_FD_1; exit 4'
     proc = client_vm(vm, "dom0", "test.Echo+arg", "sh", "-c", script, trigger_socket=True)
     _, ident = dom0.trigger()
     dom0.connect(ident)
@@ -256,7 +257,7 @@ def test_program_on_todays_socket_runs_as_a_child(vm1: tuple[VM, Dom0]) -> None:
     assert service.read_stdin() == b"prog got hello\n"
     service.finish(0)
     # The remote status is 0, so PROG's is the result; remote stderr reaches ours.
-    assert _finish(proc) == (4, b"", b"remote err\n")
+    assert _finish(proc) == (4, b"saved\n", b"remote err\n")
     dom0.expect_terminated()
 
 

@@ -134,6 +134,7 @@ async def child_process(
     group: int | None = None,
     extra_groups: Sequence[int] | None = None,
     ledger: GroupLedger | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> AsyncIterator[trio.Process]:
     """Start ``argv`` in a new process group; kill the group if the scope fails.
 
@@ -158,6 +159,7 @@ async def child_process(
         executable=executable,
         process_group=0,
         close_fds=True,
+        pass_fds=tuple(pass_fds),
         **options,
     )
     if ledger is not None:

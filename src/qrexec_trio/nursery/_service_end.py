@@ -23,7 +23,8 @@ def _spawn_error(exc: OSError, what: str) -> LaunchError:
 
 
 def _start(
-    plan: ProgramPlan, timeouts: Timeouts, ledger: GroupLedger | None, **stdio: int
+    plan: ProgramPlan, timeouts: Timeouts, ledger: GroupLedger | None,
+    stdio: int = subprocess.PIPE,
 ) -> AbstractAsyncContextManager[trio.Process]:
     identity = plan.identity
     return child_process(
@@ -36,7 +37,9 @@ def _start(
         group=identity.gid,
         extra_groups=identity.groups if identity.uid is not None else None,
         ledger=ledger,
-        **stdio,
+        stdin=stdio,
+        stdout=stdio,
+        stderr=stdio,
     )
 
 
@@ -107,10 +110,7 @@ async def spawn_detached(plan: ProgramPlan, timeouts: Timeouts, ledger: GroupLed
     """
     started = False
     try:
-        async with _start(
-            plan, timeouts, ledger, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        ) as proc:
+        async with _start(plan, timeouts, ledger, subprocess.DEVNULL) as proc:
             started = True
             task_status.started()
             await proc.wait()

@@ -428,16 +428,23 @@ async def _call_with_program(
     to_prog, prog_stdin = socket.socketpair()
     from_prog, prog_stdout = socket.socketpair()
     output, source = _stream(to_prog), _stream(from_prog)
+    # As on the R2 path, PROG finds our own stdio again as SAVED_FD_n.
+    saved = {fd: os.dup(fd) for fd in ((0, 1, 2) if "PASS_LOCAL_STDERR" in os.environ
+                                       else (0, 1))}
+    env = dict(os.environ, **{f"SAVED_FD_{fd}": str(dup) for fd, dup in saved.items()})
     async with output, source, contextlib.AsyncExitStack() as stack:
         with prog_stdin, prog_stdout:  # PROG's ends: closed here once it has them
             try:
                 proc = await stack.enter_async_context(child_process(
                     [os.path.basename(args.prog[0]), *args.prog[1:]], executable=program,
                     timeouts=timeouts, stdin=prog_stdin.fileno(), stdout=prog_stdout.fileno(),
-                    stderr=None,
+                    stderr=None, env=env, pass_fds=tuple(saved.values()),
                 ))
             except OSError as exc:
                 raise ClientVmError(f"cannot run {args.prog[0]}: {exc.strerror}") from exc
+            finally:
+                for dup in saved.values():
+                    os.close(dup)  # PROG has its own copies now
 
         async def end_prog_input() -> None:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
