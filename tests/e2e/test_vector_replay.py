@@ -254,3 +254,37 @@ def _receive_at_least(peer: Peer, got: list[tuple[int, bytes]], due: list[Record
         message = peer.receive()
         assert message is not None, "the caller closed early"
         got.append(message)
+
+
+def test_daemon_answers_a_vm_to_dom0_call_like_the_reference_e1(host: Host) -> None:
+    """e1: the trigger in, MSG_SERVICE_CONNECT out byte for byte, the dom0 service
+    on the data vchan within the allowed variations. (The reference's daemon
+    answers through its own socket from a forked child; ours answers in-process,
+    so the vector's client-socket records have no counterpart here.)"""
+    service = host.dom0_services / "test.Echo"
+    service.write_text(ECHO)
+    service.chmod(0o755)
+    host.set_policy("test.Echo * vm1 dom0 allow\n")
+    records = load("e1-vm-to-dom0-allow")
+    control = [r for r in records if r.link == "control" and not r.is_event]
+    _, control_socket = host.start_daemon_for_fake_agent("vm1", 42, "qtest")
+    ctl = Peer(control_socket)
+    hello, echo, trigger, connect, terminated = control
+    ctl.send(hello.type, hello.payload)
+    ctl.expect(echo)
+    ctl.send(trigger.type, trigger.payload)
+    ctl.expect(connect)  # SERVICE_CONNECT {0, 513} + "SOCKET13", exactly
+    data_records = [r for r in records if r.link == "data:513" and not r.is_event]
+    caller = [r for r in data_records if r.sender == "client-vm:42"]
+    dom0_side = [r for r in data_records if r.sender != "client-vm:42"]
+    listener = listen_unix(host.vchan_dir / "vchan.42.0.513.sock")  # client-vm's offer
+    data = Peer(listener.accept()[0])
+    listener.close()
+    for record in caller:
+        data.send(record.type, record.payload)
+    got = []
+    while (message := data.receive()) is not None:
+        got.append(message)
+    data.close()
+    _check_service_side(got, dom0_side)
+    ctl.send(terminated.type, terminated.payload)
