@@ -1,11 +1,13 @@
 """``qrexec-policy`` (decide one call) and ``qrexec-trio policy lint`` (check files).
 
-``qrexec-policy`` has R2's meaning: the daemon runs it for a VM's request and it
-decides. With ``--just-evaluate`` only the exit status answers (0 allow, 1
-otherwise). Without it the decision is printed on stdout as ``key=value`` lines
-in the policy daemon's response format (wire-protocol.md §9), for the code that
-builds the connection (the ``make_connection`` step, which a later issue adds);
-the exit status is the same. Logs go through structlog, never to stdout.
+``qrexec-policy`` has R2's meaning: the daemon runs it for a VM's request
+(``--policy-exec``) and it decides. With ``--just-evaluate`` only the exit
+status answers (0 allow, 1 otherwise). Without it the decision is printed on
+stdout as ``key=value`` lines in the policy daemon's response format
+(wire-protocol.md §9); given the request's CID, an allowed call is then
+connected with the daemon's own connection builder (R2), else the printed
+decision is the whole answer (the reference's evaluator form, usable as the
+daemon's ``-p``). Logs go through structlog, never to stdout.
 """
 
 from __future__ import annotations
