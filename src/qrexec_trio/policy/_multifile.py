@@ -40,8 +40,8 @@ from ._parsed import (
     PolicyReader,
     ServiceFileMode,
 )
-from ._rules import Location, Rule, parse_action, parse_params
-from ._tokens import Dialect, Position, parse_token
+from ._rules import Location, Rule, build_rule
+from ._tokens import Dialect
 
 MAX_INCLUDE_DEPTH: Final = 32
 _ANY: Final = "*"
@@ -110,16 +110,8 @@ def _rule_from_fields(
     if len(fields) < 3:
         raise LineError("missing action: expected SOURCE TARGET ACTION")
     source_text, target_text, action_text, *params = fields
-    action = parse_action(action_text)
-    return Rule(
-        service=service,
-        argument=argument,
-        source=parse_token(source_text, Position.SOURCE, Dialect.MULTIFILE),
-        target=parse_token(target_text, Position.TARGET, Dialect.MULTIFILE),
-        action=action,
-        params=parse_params(action, params, Dialect.MULTIFILE),
-        location=location,
-    )
+    return build_rule(service, argument, source_text, target_text, action_text,
+                      params=params, dialect=Dialect.MULTIFILE, location=location)
 
 
 def _parse_directive(line: str, location: Location) -> Include:

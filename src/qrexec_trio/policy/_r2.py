@@ -18,8 +18,8 @@ from ._errors import PolicySyntaxError
 from ._lines import LineError, numbered_lines, split_fields
 from ._names import describe_service_problem
 from ._parsed import PolicyReader, R2FileMode
-from ._rules import Location, Rule, parse_action, parse_params
-from ._tokens import Dialect, Position, parse_token
+from ._rules import Location, Rule, build_rule
+from ._tokens import Dialect
 
 
 def parse_r2_lines(
@@ -55,17 +55,9 @@ def _parse_line(line: str, service: str, location: Location) -> Rule:
         )
     source_text, target_text, action_text = fields
     action_name, *options = action_text.split(",")
-    action = parse_action(action_name)
-    return Rule(
-        service=service,
-        # R2 knows no arguments: a file for SERVICE covers SERVICE+anything.
-        argument=None,
-        source=parse_token(source_text, Position.SOURCE, Dialect.R2),
-        target=parse_token(target_text, Position.TARGET, Dialect.R2),
-        action=action,
-        params=parse_params(action, options, Dialect.R2),
-        location=location,
-    )
+    # R2 knows no arguments: a file for SERVICE covers SERVICE+anything.
+    return build_rule(service, None, source_text, target_text, action_name,
+                      params=options, dialect=Dialect.R2, location=location)
 
 
 def load_r2_dir(

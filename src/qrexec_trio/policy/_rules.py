@@ -14,7 +14,9 @@ from ._tokens import (
     Dialect,
     DispVMTarget,
     NamedTarget,
+    Position,
     Token,
+    parse_token,
 )
 
 
@@ -153,3 +155,27 @@ def _parse_yes_no(key: str, value: str) -> bool:
         return _YES_NO[value]
     except KeyError:
         raise ParamError(f"parameter {key!r} must be yes or no, got {value!r}") from None
+
+
+def build_rule(
+    service: str | None,
+    argument: str | None,
+    source_text: str,
+    target_text: str,
+    action_text: str,
+    *,
+    params: Iterable[str],
+    dialect: Dialect,
+    location: Location,
+) -> Rule:
+    """One rule from its fields, as either policy format spells them."""
+    action = parse_action(action_text)
+    return Rule(
+        service=service,
+        argument=argument,
+        source=parse_token(source_text, Position.SOURCE, dialect),
+        target=parse_token(target_text, Position.TARGET, dialect),
+        action=action,
+        params=parse_params(action, params, dialect),
+        location=location,
+    )
