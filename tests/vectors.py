@@ -1,4 +1,4 @@
-"""Golden wire transcripts of the reference C programs (../shared/vectors).
+"""Golden wire transcripts of the reference C programs (tests/data/vectors).
 
 Loads the records and gives the tests what they need to replay one side of a
 link and check the other: exact bytes where the vectors' README says they must
@@ -19,15 +19,15 @@ from pathlib import Path
 
 
 def _find_vectors() -> Path:
-    """``$QREXEC_VECTORS``, else ``shared/vectors`` beside the checkout (as CI lays it out)."""
+    """``$QREXEC_VECTORS``, else the copy in the repository, ``tests/data/vectors``."""
     if "QREXEC_VECTORS" in os.environ:
         return Path(os.environ["QREXEC_VECTORS"])
-    beside_checkout = Path(__file__).resolve().parents[2] / "shared" / "vectors"
-    if beside_checkout.is_dir():
-        return beside_checkout
+    in_repository = Path(__file__).resolve().parent / "data" / "vectors"
+    if in_repository.is_dir():
+        return in_repository
     # A missing vector folder must fail the replay tests, never skip them.
     raise FileNotFoundError(
-        f"golden vectors not found at {beside_checkout}; set QREXEC_VECTORS to their folder"
+        f"golden vectors not found at {in_repository}; set QREXEC_VECTORS to their folder"
     )
 
 

@@ -1,4 +1,4 @@
-"""Replays of the reference C programs' wire transcripts (../shared/vectors).
+"""Replays of the reference C programs' wire transcripts (tests/data/vectors).
 
 Each test plays the other side of one of our programs with the bytes the
 reference programs exchanged, and checks that ours answers with the same

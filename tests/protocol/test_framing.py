@@ -454,10 +454,10 @@ def test_reader_raises_only_protocol_error(
 # -- golden transcripts of the reference implementation ------------------------------------------
 
 # Where the project's other vector tests look (tests/vectors.py): $QREXEC_VECTORS,
-# else shared/vectors beside the checkout. A missing folder fails, never skips.
+# else the copy in the repository, tests/data/vectors. A missing folder fails, never skips.
 VECTORS = Path(
     os.environ.get("QREXEC_VECTORS")
-    or Path(__file__).resolve().parents[3] / "shared" / "vectors"
+    or Path(__file__).resolve().parents[1] / "data" / "vectors"
 )
 TRANSCRIPTS = ["a-dom0-to-vm-command", "b-dom0-to-vm-rpc", "c-just-exec",
                "d1-service-not-found", "d2-service-not-executable", "e1-vm-to-dom0-allow",

@@ -1,11 +1,13 @@
-"""The world's config file: the examples load, every mistake is reported at its
-file and line before anything starts, and the policy it yields means what it says."""
+"""The world's config file: the examples and the packaged demo world load, every
+mistake is reported at its file and line before anything starts, and the policy
+it yields means what it says."""
 
 from __future__ import annotations
 
 import os
 import pwd
 import stat
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -19,6 +21,8 @@ from qrexec_trio.world import (
 )
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+# The demo world is package data (qrexec-trio demo runs it from an installed wheel).
+DEMO = Path(__file__).resolve().parents[2] / "src" / "qrexec_trio" / "world" / "demo"
 
 
 def _world(tmp_path: Path, text: str, name: str = "world.toml") -> Path:
@@ -56,11 +60,11 @@ def _script(path: Path, text: str = "#!/bin/sh\nexec cat\n", mode: int = 0o755) 
     return path
 
 
-# --- the examples -----------------------------------------------------------------
+# --- the examples and the demo world ----------------------------------------------
 
 
 def test_demo_world_loads_with_the_vms_the_demo_relies_on() -> None:
-    config = load_world_config(EXAMPLES / "demo.toml")
+    config = load_world_config(DEMO / "demo.toml")
     by_name = {vm.name: vm for vm in config.vms}
     assert [vm.name for vm in config.vms] == ["work", "vault", "personal", "dvm"]
     assert {name: vm.domid for name, vm in by_name.items()} == {
@@ -81,23 +85,40 @@ def test_demo_world_loads_with_the_vms_the_demo_relies_on() -> None:
 
 
 def test_demo_services_are_installed_as_written() -> None:
-    config = load_world_config(EXAMPLES / "demo.toml")
+    config = load_world_config(DEMO / "demo.toml")
     vault = {s.name: s for s in config.vm("vault").services}
     personal = {s.name: s for s in config.vm("personal").services}
-    sign_file = EXAMPLES / "services" / "sign.sh"
+    sign_file = DEMO / "services" / "sign.sh"
     assert vault["demo.Sign"].script == sign_file.read_text()
     assert vault["demo.Sign"].origin == str(sign_file)
     assert vault["demo.Echo"].script == "#!/bin/sh\nexec cat\n"
     assert personal["demo.Date"].script == "#!/bin/sh\ndate -u\n"
-    text = (EXAMPLES / "demo.toml").read_text()
-    assert personal["demo.Date"].origin == f"{EXAMPLES / 'demo.toml'}:{_line(text, 'date -u')}"
+    text = (DEMO / "demo.toml").read_text()
+    assert personal["demo.Date"].origin == f"{DEMO / 'demo.toml'}:{_line(text, 'date -u')}"
 
 
-def test_example_service_files_are_executable_in_the_tree() -> None:
-    scripts = sorted((EXAMPLES / "services").glob("*.sh"))
+def test_demo_service_files_are_executable_in_the_tree() -> None:
+    scripts = sorted((DEMO / "services").glob("*.sh"))
     assert scripts
     for script in scripts:
         assert script.stat().st_mode & 0o777 == 0o755, script
+
+
+def test_the_demo_program_loads_the_packaged_world() -> None:
+    from qrexec_trio.roles.demo import packaged_world  # the program, not just the file
+
+    with packaged_world() as config_file:
+        assert config_file.read_text() == (DEMO / "demo.toml").read_text()
+        config = load_world_config(config_file)
+    assert [vm.name for vm in config.vms] == ["work", "vault", "personal", "dvm"]
+    assert {s.name for s in config.vm("vault").services} == {"demo.Echo", "demo.Sign"}
+
+
+def test_every_demo_world_file_is_declared_package_data() -> None:
+    pyproject = tomllib.loads((DEMO.parents[3] / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["qrexec_trio.world"]
+    declared = {path for pattern in patterns for path in DEMO.parent.glob(pattern)}
+    assert {path for path in DEMO.rglob("*") if path.is_file()} <= declared
 
 
 def test_minimal_world_loads() -> None:
@@ -112,7 +133,7 @@ def test_minimal_world_loads() -> None:
 
 
 def _demo_policy(tmp_path: Path) -> tuple[WorldConfig, Policy, SystemInfo]:
-    config = load_world_config(EXAMPLES / "demo.toml")
+    config = load_world_config(DEMO / "demo.toml")
     policy_d = tmp_path / "policy.d"
     policy_d.mkdir()
     for name, text in config.policy_files:
@@ -156,12 +177,12 @@ def test_demo_denial_is_traced_to_its_config_line(tmp_path: Path) -> None:
     config, policy, system_info = _demo_policy(tmp_path)
     decision = policy.evaluate(Request.from_call("personal", "vault", "demo.Sign"), system_info)
     assert not decision.allowed
-    text = (EXAMPLES / "demo.toml").read_text()
+    text = (DEMO / "demo.toml").read_text()
     rule_line = _line(text, "demo.Sign      *    personal  vault     deny")
     assert decision.rule is not None
     file_name = Path(decision.rule.path).name
     assert config.policy_location(file_name, decision.rule.line) == (
-        f"{EXAMPLES / 'demo.toml'}:{rule_line}"
+        f"{DEMO / 'demo.toml'}:{rule_line}"
     )
 
 
@@ -169,7 +190,7 @@ def test_demo_denial_is_traced_to_its_config_line(tmp_path: Path) -> None:
 
 
 def test_system_info_is_accepted_by_the_policy_engine(tmp_path: Path) -> None:
-    config = load_world_config(EXAMPLES / "demo.toml")
+    config = load_world_config(DEMO / "demo.toml")
     info = system_info_from_json(system_info_json(config))
     assert info.admin_vm == "dom0"
     assert set(info.domains) == {"dom0", "work", "vault", "personal", "dvm"}

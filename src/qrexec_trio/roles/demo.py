@@ -1,16 +1,18 @@
 """qrexec-trio demo: the local world, narrated, checked step by step.
 
-It starts the world of ``examples/demo.toml`` (dom0's daemons, VMs work,
-vault and personal, a DispVM template) as a separate process in a temp dir,
-then shows: a dom0 -> VM command, a VM -> VM call allowed by policy, a denied
-call, a DispVM call (its creation and destruction visible), and a cancelled
-call whose whole pipeline is torn down. Every step is checked; the demo exits
-0 only if every step behaved as shown, and the world leaves nothing behind.
+It starts the demo world packaged with qrexec-trio (``qrexec_trio/world/demo/``:
+dom0's daemons, VMs work, vault and personal, a DispVM template) as a separate
+process in a temp dir, then shows: a dom0 -> VM command, a VM -> VM call
+allowed by policy, a denied call, a DispVM call (its creation and destruction
+visible), and a cancelled call whose whole pipeline is torn down. Every step
+is checked; the demo exits 0 only if every step behaved as shown, and the
+world leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import shutil
 import signal
@@ -18,12 +20,22 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from importlib import resources
 from pathlib import Path
 
 from ._connect import program
 
-_REPO_EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "demo.toml"
+
+@contextlib.contextmanager
+def packaged_world() -> Iterator[Path]:
+    """The packaged demo world's ``demo.toml``, as a real file with its services beside it.
+
+    It is package data (``qrexec_trio/world/demo/``), so the demo works from an
+    installed wheel as from the source tree.
+    """
+    with resources.as_file(resources.files("qrexec_trio.world") / "demo") as directory:
+        yield directory / "demo.toml"
 
 
 def _say(text: str = "") -> None:
@@ -162,19 +174,22 @@ def run_demo(config: Path, workdir: Path, *, verbose: bool) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qrexec-trio demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", nargs="?", type=Path, default=_REPO_EXAMPLE,
-                        help=f"the world to run (default {_REPO_EXAMPLE})")
+    parser.add_argument("config", nargs="?", type=Path,
+                        help="the world to run (default: the packaged demo world, "
+                        "qrexec_trio/world/demo/demo.toml)")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show the world's logs (every connection)")
     args = parser.parse_args(argv)
-    if not args.config.exists():
-        print(f"qrexec-trio demo: no world config at {args.config}", file=sys.stderr)
-        return 1
-    workdir = Path(tempfile.mkdtemp(prefix="qrexec-demo-"))
-    try:
-        return run_demo(args.config.resolve(), workdir, verbose=args.verbose)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+    with contextlib.ExitStack() as stack:
+        config: Path = args.config or stack.enter_context(packaged_world())
+        if not config.exists():
+            print(f"qrexec-trio demo: no world config at {config}", file=sys.stderr)
+            return 1
+        workdir = Path(tempfile.mkdtemp(prefix="qrexec-demo-"))
+        try:
+            return run_demo(config.resolve(), workdir, verbose=args.verbose)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
