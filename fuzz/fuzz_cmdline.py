@@ -2,8 +2,9 @@
 """Fuzz the cmdline parser (what a VM agent makes of MSG_EXEC_CMDLINE).
 
 Input: bit 0 of byte 0 chooses the agent's view (``user:`` prefix expected) or
-dom0's view (no user); the rest is the cmdline. ProtocolError is the expected
-refusal; any other exception, or a broken invariant (:class:`Finding`), is a bug.
+dom0's view (no user); the rest is the cmdline. RemoteProtocolError is the
+expected refusal; any other exception (a LocalProtocolError too), or a broken
+invariant (:class:`Finding`), is a bug.
 The invariants: the parse loses and invents nothing (the fields reassemble to
 the input), and every length limit of the grammar holds.
 
@@ -76,7 +77,7 @@ def exercise(data: bytes) -> int:
     cmdline = data[1:]
     try:
         parsed = protocol.parse_cmdline(cmdline, with_user=with_user)
-    except protocol.ProtocolError:
+    except protocol.RemoteProtocolError:
         return 0
     require((parsed.user is not None) == with_user, "user presence")
     if parsed.user is not None:

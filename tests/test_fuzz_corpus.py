@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -18,7 +18,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import qrexec_trio.protocol
-from qrexec_trio.protocol import Cmdline, TriggerRequest
+from protocol.strategies import mutated
+from qrexec_trio.protocol import (
+    Cmdline,
+    Data,
+    Direction,
+    Event,
+    ExitCode,
+    LocalProtocolError,
+    Stream,
+    TriggerService,
+    _bounds,
+    _framing,
+    _structs,
+)
 
 FUZZ_DIR = Path(__file__).resolve().parents[1] / "fuzz"
 HARNESSES = {"cmdline": "fuzz_cmdline", "data_stream": "fuzz_data_stream",
@@ -67,24 +80,7 @@ def test_every_seed_runs_and_reaches_its_depth(target: str) -> None:
 
 def _mutated(target: str) -> st.SearchStrategy[bytes]:
     """A seed with a few bytes overwritten, inserted or cut: reaches past the framing."""
-    corpus = [data for _, data in seeds(target)]
-
-    @st.composite
-    def mutate(draw: st.DrawFn) -> bytes:
-        data = bytearray(draw(st.sampled_from(corpus)))
-        for _ in range(draw(st.integers(1, 4))):
-            where = draw(st.integers(0, len(data)))
-            action = draw(st.sampled_from(["set", "insert", "cut"]))
-            byte = draw(st.sampled_from([0, 1, 0x2B, 0x2F, 0x20, 0x3A, 0x80, 0xFF]))
-            if action == "set" and where < len(data):
-                data[where] = byte
-            elif action == "insert":
-                data.insert(where, byte)
-            else:
-                del data[where : where + draw(st.integers(1, 9))]
-        return bytes(data)
-
-    return mutate()
+    return mutated(st.sampled_from([data for _, data in seeds(target)]))
 
 
 @pytest.mark.parametrize("target", HARNESSES)
@@ -118,21 +114,88 @@ def test_data_stream_harness_catches_an_oversized_chunk(monkeypatch: pytest.Monk
         )
 
 
+def _decode_then(
+    rewrite: Callable[[Event], Event],
+) -> Callable[[Direction, int, bytes], Event]:
+    """A decode_event that hands ``rewrite(event)`` to the reader instead of the event."""
+    real_decode = _framing.decode_event
+
+    def decode(direction: Direction, msg_type: int, payload: bytes) -> Event:
+        return rewrite(real_decode(direction, msg_type, payload))
+
+    return decode
+
+
 def test_control_harness_catches_a_sanitising_decoder(monkeypatch: pytest.MonkeyPatch) -> None:
-    real_decode = qrexec_trio.protocol.decode_trigger
+    def rename(event: Event) -> Event:
+        if isinstance(event, TriggerService):
+            return dataclasses.replace(event, service_name=b"qubes.Other")
+        return event
 
-    def decode_and_rewrite(msg_type: int, payload: bytes) -> TriggerRequest:
-        return dataclasses.replace(real_decode(msg_type, payload), service_name=b"qubes.Other")
-
-    monkeypatch.setattr(qrexec_trio.protocol, "decode_trigger", decode_and_rewrite)
+    monkeypatch.setattr(_framing, "decode_event", _decode_then(rename))
     with pytest.raises(Finding, match="re-encode"):
         HARNESS["control"].test_one_input(make_corpus.SEEDS["control"]["v4-trigger4-dom0"])
 
 
-def test_harness_treats_only_protocol_error_as_refusal(monkeypatch: pytest.MonkeyPatch) -> None:
-    def crash(*_args: object, **_kwargs: object) -> object:
-        raise IndexError("decoder bug")
+def test_control_harness_catches_a_decoder_that_ignores_the_padding(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def lax_padded_text(field: str, raw: bytes) -> bytes:
+        nul = raw.find(b"\0")
+        if nul < 0:
+            raise qrexec_trio.protocol.RemoteProtocolError(field, "not NUL-terminated")
+        return raw[:nul]  # the bytes after the NUL are never looked at
 
-    monkeypatch.setattr(qrexec_trio.protocol, "decode_trigger", crash)
-    with pytest.raises(IndexError):
+    # A v3 trigger whose target field hides "x" after its NUL.
+    trigger = TriggerService(3, b"", b"dom0", b"SOCKET1", b"test.Echo").encode()
+    hidden = trigger[:8 + 5] + b"x" + trigger[8 + 6:]
+    data = bytes([make_corpus.CONTROL_V3 | make_corpus.HELLO_DONE]) + hidden
+    HARNESS["control"].test_one_input(data)  # refused as it is: no finding
+    monkeypatch.setattr(_structs, "_padded_text", lax_padded_text)
+    with pytest.raises(Finding, match="re-encode"):
+        HARNESS["control"].test_one_input(data)
+
+
+def test_control_harness_catches_a_trigger_version_let_through(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The reader forgets that a v4 link has no MSG_TRIGGER_SERVICE (v2).
+    monkeypatch.setitem(_bounds._TRIGGER_BOUNDS, qrexec_trio.protocol.MsgType.TRIGGER_SERVICE,
+                        (range(0, 1 << 32), (128, 128)))
+    with pytest.raises(Finding, match="v2 trigger got through at version 4"):
+        HARNESS["control"].test_one_input(make_corpus.SEEDS["control"]["bad-trigger2-on-v4"])
+
+
+def test_data_stream_harness_catches_a_status_channel_without_its_grammar(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data = (bytes([make_corpus.DATA_V3 | make_corpus.HELLO_DONE])
+            + ExitCode(0).encode() + Data(Stream.STDERR, b"late").encode())
+    HARNESS["data_stream"].test_one_input(data)  # refused as it is: no finding
+    monkeypatch.setitem(_framing._FINAL_TYPES, Direction.AGENT_TO_CLIENT_VM, frozenset())
+    with pytest.raises(Finding, match="after the final status message"):
+        HARNESS["data_stream"].test_one_input(data)
+
+
+def test_data_stream_harness_catches_an_altered_exit_code(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def off_by_one(event: Event) -> Event:
+        return ExitCode(event.status + 1) if isinstance(event, ExitCode) else event
+
+    monkeypatch.setattr(_framing, "decode_event", _decode_then(off_by_one))
+    with pytest.raises(Finding, match="re-encode"):
+        HARNESS["data_stream"].test_one_input(make_corpus.SEEDS["data_stream"]["service-not-found"])
+
+
+@pytest.mark.parametrize("error", [IndexError("decoder bug"),
+                                   LocalProtocolError("x", "raised while reading")])
+def test_harness_treats_only_remote_protocol_error_as_refusal(
+    monkeypatch: pytest.MonkeyPatch, error: Exception
+) -> None:
+    def crash(*_args: object, **_kwargs: object) -> object:
+        raise error
+
+    monkeypatch.setattr(_framing, "decode_event", crash)
+    with pytest.raises(type(error)):
         HARNESS["control"].test_one_input(make_corpus.SEEDS["control"]["v3-trigger3"])

@@ -8,6 +8,8 @@ import pytest
 
 from harness import VM, Host, wait_for
 
+from .worlds import CONFIG, RunningWorld
+
 BACKEND = os.environ.get("QREXEC_VCHAN") or "socket"
 
 
@@ -47,3 +49,15 @@ def vm1(host: Host) -> VM:
     vm = host.start_vm("vm1", 42)
     vm.add_service("test.Echo", '#!/bin/sh\necho "arg=$1 src=$QREXEC_REMOTE_DOMAIN"\nexec cat\n')
     return vm
+
+
+@pytest.fixture
+def world(host: Host) -> Iterator[RunningWorld]:
+    """The world of CONFIG; it must stop cleanly, leaving nothing."""
+    running = RunningWorld(host, CONFIG)
+    try:
+        yield running
+    finally:
+        status = running.stop()
+    assert status == 0, (host.root / "world.log").read_text()[-3000:]
+    assert not running.dir.exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import psutil
 
 from harness import VM, wait_for
@@ -25,11 +27,17 @@ def test_no_fd_leak_in_daemon_or_agent_across_calls(vm1: VM) -> None:
 
 
 def test_every_connection_logs_with_its_bound_context(vm1: VM) -> None:
-    assert vm1.client(f"{vm1.user}:true").returncode == 0
+    result = vm1.client(f"{vm1.user}:true", "--log-level", "debug")
+    assert result.returncode == 0
     wait_for(lambda: vm1.agent_events("finished"), what="the agent's log line")
+    call = f"{vm1.domid}.513"  # the VM's domain and the data port: one id for all three
     (running,) = vm1.agent_events("running")
-    assert running["conn"] == "0:513" and running["domain"] == 0 and running["port"] == 513
+    assert running["call"] == call and running["domain"] == 0 and running["port"] == 513
     assert running["program"] == "qrexec-agent"
     (forwarded,) = vm1.daemon_events("request forwarded")
+    assert forwarded["call"] == call
     assert forwarded["port"] == 513 and forwarded["vm"] == "vm1" and forwarded["client"] == 1
+    client_lines = [json.loads(line) for line in result.stderr.splitlines() if line.strip()]
+    assert client_lines and all(line.get("call") == call for line in client_lines
+                                if line["event"] != "vchan backend")
     assert {"timestamp", "level"} <= set(forwarded)

@@ -23,7 +23,7 @@ def test_qrexec_policy_prints_the_decision_on_stdout_and_logs_on_stderr(tmp_path
                              capture_output=True, text=True, timeout=30)
     assert allowed.returncode == 0
     assert "result=allow\n" in allowed.stdout and "target=personal\n" in allowed.stdout
-    assert "policy.decision" in allowed.stderr and "policy.decision" not in allowed.stdout
+    assert "policy decision" in allowed.stderr and "policy decision" not in allowed.stdout
     denied = subprocess.run([*argv, "work", "vault", "test.Svc", "SOCKET7"],
                             capture_output=True, text=True, timeout=30)
     assert (denied.returncode, denied.stdout) == (1, "result=deny\n")
@@ -37,7 +37,7 @@ def test_qrexec_policy_prints_the_decision_on_stdout_and_logs_on_stderr(tmp_path
                                capture_output=True, text=True, timeout=30)
     assert no_daemon.returncode == 1
     assert "result=allow\n" in no_daemon.stdout
-    assert "policy.connect_failed" in no_daemon.stderr and "not running" in no_daemon.stderr
+    assert "connect failed" in no_daemon.stderr and "not running" in no_daemon.stderr
 
 
 def test_policy_lint_through_the_umbrella(tmp_path: Path) -> None:

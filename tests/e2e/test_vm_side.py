@@ -379,7 +379,7 @@ def test_answers_for_unknown_requests_and_bad_triggers_are_ignored(
     dom0.ctl.send(SERVICE_REFUSED, b"SOCKET9\0junk" + bytes(20))  # not even a valid ident
     wait_for(lambda: _logged(vm, "SERVICE_CONNECT for no pending request; ignored"),
              what="the unknown connect to be logged")
-    wait_for(lambda: _logged(vm, "unreadable answer from dom0; ignored"),
+    wait_for(lambda: _logged(vm, "unreadable message from dom0; ignored"),
              what="the unreadable refusal to be logged")
     bad = Peer(connect_unix(_socket_path(vm)))
     bad.send(TRIGGER_SERVICE4, _trigger(b"dom0", b"bad/name", b"SOCKET"))

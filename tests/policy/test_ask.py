@@ -123,7 +123,7 @@ def test_no_prompt_configured_denies_with_a_log_line(tmp_path: Path) -> None:
         decision = resolve_ask(asked, assume_yes=False, prompt=None)
     assert decision.action is Action.DENY
     assert decision.reason == "ask: no prompt configured"
-    assert [entry["event"] for entry in logs] == ["policy.ask_denied_no_prompt"]
+    assert [entry["event"] for entry in logs] == ["ask denied: no prompt program"]
     assert logs[0]["log_level"] == "warning"
 
 

@@ -47,11 +47,11 @@ def test_allow_prints_key_value_lines(tmp_path: Path) -> None:
     assert out == (
         "user=DEFAULT\nresult=allow\ntarget=personal\nautostart=True\nrequested_target=personal\n"
     )
-    decision_logs = [e for e in logs if e["event"] == "policy.decision"]
+    decision_logs = [e for e in logs if e["event"] == "policy decision"]
     assert decision_logs[0]["result"] == "allow"
     _, _, logs = _run(tmp_path, "--just-evaluate", "--", "work", "personal", "test.Svc",
                       "SOCKET7")
-    decision_logs = [e for e in logs if e["event"] == "policy.decision"]
+    decision_logs = [e for e in logs if e["event"] == "policy decision"]
     assert decision_logs[0]["request_id"] == "SOCKET7"
 
 
@@ -119,13 +119,13 @@ def test_unusable_system_info_denies(tmp_path: Path) -> None:
     status, out, logs = _run(tmp_path, "--system-info", str(path), "--",
                              "work", "personal", "test.Svc", "7")
     assert (status, out) == (1, "result=deny\n")
-    assert any(e["event"] == "policy.system_info_error" for e in logs)
+    assert any(e["event"] == "system info unreadable" for e in logs)
 
 
 def test_ask_without_prompt_denies(tmp_path: Path) -> None:
     status, out, logs = _run(tmp_path, "--", "work", "@default", "test.Ask", "7")
     assert (status, out) == (1, "result=deny\n")
-    assert any(e["event"] == "policy.ask_denied_no_prompt" for e in logs)
+    assert any(e["event"] == "ask denied: no prompt program" for e in logs)
 
 
 def test_ask_with_assume_yes(tmp_path: Path) -> None:

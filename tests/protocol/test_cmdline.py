@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from qrexec_trio.protocol import (
     Cmdline,
-    ProtocolError,
+    RemoteProtocolError,
     RpcCall,
     ShellCommand,
     build_rpc_cmdline,
@@ -65,7 +65,7 @@ GRAMMAR = [
 @pytest.mark.parametrize(("raw", "with_user", "expected"), GRAMMAR)
 def test_grammar(raw: bytes, with_user: bool, expected: Cmdline | None) -> None:
     if expected is None:
-        with pytest.raises(ProtocolError):
+        with pytest.raises(RemoteProtocolError):
             parse_cmdline(raw, with_user=with_user)
     else:
         assert parse_cmdline(raw, with_user=with_user) == expected
@@ -127,7 +127,7 @@ ERRORS = [
 
 @pytest.mark.parametrize(("raw", "with_user", "field"), ERRORS)
 def test_grammar_errors(raw: bytes, with_user: bool, field: str) -> None:
-    with pytest.raises(ProtocolError) as error:
+    with pytest.raises(RemoteProtocolError) as error:
         parse_cmdline(raw, with_user=with_user)
     assert error.value.field == field
 
@@ -138,7 +138,7 @@ def test_service_name_length_limit() -> None:
     assert isinstance(call, RpcCall)
     assert len(call.service_name) == 255
     for too_long in (b"s" * 256, "é".encode() * 128):
-        with pytest.raises(ProtocolError, match="255"):
+        with pytest.raises(RemoteProtocolError, match="255"):
             parse_cmdline(b"u:QUBESRPC " + too_long + b"+arg src")
 
 
@@ -147,7 +147,7 @@ def test_long_argument_is_fine_but_descriptor_is_bounded() -> None:
     call = parse_cmdline(b"u:QUBESRPC " + long_descriptor + b" src").command
     assert isinstance(call, RpcCall)
     assert len(call.descriptor) == 64999
-    with pytest.raises(ProtocolError) as error:
+    with pytest.raises(RemoteProtocolError) as error:
         parse_cmdline(b"u:QUBESRPC " + long_descriptor + b"aa src")
     assert error.value.field == "cmdline.rpc.descriptor"
 
@@ -246,7 +246,7 @@ grammar_soup = st.lists(
 def test_any_bytes_parse_or_raise_protocol_error(raw: bytes, with_user: bool) -> None:
     try:
         parsed = parse_cmdline(raw, with_user=with_user)
-    except ProtocolError:
+    except RemoteProtocolError:
         return
     assert (parsed.user is not None) == with_user
     assert _reassemble(parsed) == raw
@@ -255,7 +255,7 @@ def test_any_bytes_parse_or_raise_protocol_error(raw: bytes, with_user: bool) ->
         assert call.service_name and "+" not in call.service_name
         assert call.source and " " not in call.source
         assert (call.target_type is None) == (call.target is None)
-        assert with_user or call.target_type in ("name", "keyword")
+        assert call.target_type in (None, "name", "keyword")
     else:
         assert parsed.command.command
         assert not parsed.command.command.startswith("QUBESRPC")
@@ -267,7 +267,7 @@ def test_descriptor_of_exactly_65000_bytes_is_accepted_and_one_more_is_not() -> 
     assert len(fits) == 65000
     parsed = parse_cmdline(f"u:QUBESRPC {fits} src".encode())
     assert isinstance(parsed.command, RpcCall) and parsed.command.descriptor == fits
-    with pytest.raises(ProtocolError, match="descriptor"):
+    with pytest.raises(RemoteProtocolError, match="descriptor"):
         parse_cmdline(f"u:QUBESRPC {fits}a src".encode())
 
 

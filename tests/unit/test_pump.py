@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import struct
-
 import pytest
 import trio
 import trio.testing
@@ -17,30 +15,52 @@ from qrexec_trio.nursery import (
     caller_exit_code,
     serve_data,
 )
-from qrexec_trio.protocol import Direction, MessageReader, MsgType, ProtocolError, encode_message
+from qrexec_trio.protocol import (
+    Data,
+    Direction,
+    Event,
+    ExitCode,
+    MessageReader,
+    MsgType,
+    RemoteProtocolError,
+    Stream,
+    UndecodableMessage,
+    encode_frame,
+)
+
+#: How long the caller side waits to send its final STDIN EOF (nothing here waits that long).
+FINISH = 5.0
 
 
 class Wire:
-    """The test's end of the data vchan: frames out, validated messages in."""
+    """The test's end of the data vchan: events out, validated events in."""
 
     def __init__(self, stream: trio.abc.Stream, receives: Direction) -> None:
         self.stream = stream
         self.reader = MessageReader(receives, version=4)
 
-    async def send(self, msg_type: MsgType, payload: bytes = b"") -> None:
-        await self.stream.send_all(encode_message(msg_type, payload))
+    async def send(self, event: Event) -> None:
+        await self.stream.send_all(event.encode())
 
-    async def messages(self) -> list[tuple[int, bytes]]:
+    async def events(self) -> list[Event]:
         got = []
         while data := await self.stream.receive_some(65536):
             self.reader.feed(data)
-            while (message := self.reader.next_message()) is not None:
-                got.append((message.type, message.payload))
+            while (event := self.reader.next_event()) is not None:
+                got.append(event)
+        self.reader.feed_eof()
+        assert self.reader.at_clean_eof
         return got
 
 
 def _pipe() -> tuple[trio.abc.SendStream, trio.abc.ReceiveStream]:
     return trio.testing.memory_stream_one_way_pair()
+
+
+async def call_output_only(link: FramedLink, output: trio.abc.SendStream) -> int:
+    """The caller side with no local input and no local stderr."""
+    return await call_data(link, CallerEnd(input=None, output=output, errors=None),
+                           finish_timeout=FINISH)
 
 
 async def test_caller_side_writes_output_and_returns_the_remote_status() -> None:
@@ -61,47 +81,65 @@ async def test_caller_side_writes_output_and_returns_the_remote_status() -> None
         async def service() -> None:
             await in_send.send_all(b"input")
             await in_send.aclose()
-            for msg_type, payload in [(MsgType.DATA_STDOUT, b"abc"), (MsgType.DATA_STDERR, b"e"),
-                                      (MsgType.DATA_STDOUT, b""), (MsgType.DATA_STDERR, b""),
-                                      (MsgType.DATA_EXIT_CODE, struct.pack("<i", 3))]:
-                await wire.send(msg_type, payload)
+            for event in [Data(Stream.STDOUT, b"abc"), Data(Stream.STDERR, b"e"),
+                          Data(Stream.STDOUT, b""), Data(Stream.STDERR, b""), ExitCode(3)]:
+                await wire.send(event)
 
         nursery.start_soon(service)
-        assert await call_data(link, end) == 3
+        assert await call_data(link, end, finish_timeout=FINISH) == 3
         await ours.aclose()
     assert await out_recv.receive_some(100) == b"abc"
     assert await err_recv.receive_some(100) == b"e"
     assert closed == [True]
-    sent = await wire.messages()
-    assert b"".join(p for _, p in sent) == b"pre:input"
-    assert sent[-1] == (MsgType.DATA_STDIN, b"")
+    sent = await wire.events()
+    assert all(isinstance(e, Data) and e.stream is Stream.STDIN for e in sent)
+    assert b"".join(e.data for e in sent if isinstance(e, Data)) == b"pre:input"
+    assert sent[-1] == Data(Stream.STDIN, b"")
 
 
 async def test_caller_side_vchan_closed_before_exit_code_is_minus_one() -> None:
     ours, theirs = trio.testing.memory_stream_pair()
     link = FramedLink(ours, Direction.SERVICE_TO_CALLER, version=4)
     out_send, _ = _pipe()
-    await Wire(theirs, Direction.CALLER_TO_SERVICE).send(MsgType.DATA_STDOUT, b"partial")
+    await Wire(theirs, Direction.CALLER_TO_SERVICE).send(Data(Stream.STDOUT, b"partial"))
     await theirs.aclose()
-    assert await call_data(link, CallerEnd(input=None, output=out_send, errors=None)) == -1
+    assert await call_output_only(link, out_send) == -1
 
 
 async def test_caller_side_rejects_a_message_from_the_wrong_direction() -> None:
     ours, theirs = trio.testing.memory_stream_pair()
     link = FramedLink(ours, Direction.SERVICE_TO_CALLER, version=4)
     out_send, _ = _pipe()
-    await theirs.send_all(encode_message(MsgType.DATA_STDIN, b"x"))
-    with pytest.raises(ProtocolError, match="DATA_STDIN"):
-        await call_data(link, CallerEnd(input=None, output=out_send, errors=None))
+    await theirs.send_all(Data(Stream.STDIN, b"x").encode())
+    with pytest.raises(RemoteProtocolError, match="DATA_STDIN") as error:
+        await call_output_only(link, out_send)
+    assert error.value.field == "header.type"
+    assert not isinstance(error.value, UndecodableMessage)
 
 
 async def test_caller_side_rejects_a_chunk_above_the_v2_limit() -> None:
     ours, theirs = trio.testing.memory_stream_pair()
     link = FramedLink(ours, Direction.SERVICE_TO_CALLER, version=2)
     out_send, _ = _pipe()
-    await theirs.send_all(encode_message(MsgType.DATA_STDOUT, bytes(4097)))
-    with pytest.raises(ProtocolError, match="4097"):
-        await call_data(link, CallerEnd(input=None, output=out_send, errors=None))
+    await theirs.send_all(Data(Stream.STDOUT, bytes(4097)).encode())
+    with pytest.raises(RemoteProtocolError, match="4097") as error:
+        await call_output_only(link, out_send)
+    assert error.value.field == "header.len"
+
+
+@pytest.mark.parametrize(
+    ("payload", "status"),
+    [(b"", 255), (b"\x07\0", 255), (b"\x07\0\0\0", 7), (b"\xfe\xff\xff\xff\x01\x02", -2)],
+)
+async def test_caller_side_reads_the_exit_code_as_the_reference_does(
+    payload: bytes, status: int
+) -> None:
+    # Short: 255; longer than four bytes: the first four.
+    ours, theirs = trio.testing.memory_stream_pair()
+    link = FramedLink(ours, Direction.SERVICE_TO_CALLER, version=4)
+    out_send, _ = _pipe()
+    await theirs.send_all(encode_frame(MsgType.DATA_EXIT_CODE, payload))
+    assert await call_output_only(link, out_send) == status
 
 
 def _service_end(output: trio.abc.ReceiveStream, status: trio.Event, errors=None) -> ServiceEnd:
@@ -127,11 +165,14 @@ async def test_service_without_stderr_sends_empty_stderr_first_and_exit_code_las
         nursery.start_soon(service)
         assert await serve_data(link, _service_end(out_recv, exited)) == 7
         await ours.aclose()
-    got = await wire.messages()
-    assert got[0] == (MsgType.DATA_STDERR, b"")
-    assert got[-1] == (MsgType.DATA_EXIT_CODE, struct.pack("<i", 7))
-    assert (MsgType.DATA_STDOUT, b"") in got
-    assert b"".join(p for t, p in got if t == MsgType.DATA_STDOUT) == b"result"
+    got = await wire.events()
+    assert got[0] == Data(Stream.STDERR, b"")
+    assert got[-1] == ExitCode(7)
+    assert ExitCode(7).encode() == encode_frame(MsgType.DATA_EXIT_CODE, b"\x07\0\0\0")
+    assert Data(Stream.STDOUT, b"") in got
+    stdout = [e.data for e in got if isinstance(e, Data) and e.stream is Stream.STDOUT]
+    assert b"".join(stdout) == b"result"
+    assert stdout[-1] == b"", "stdout EOF comes after the output"
 
 
 async def test_service_side_raises_peer_gone_when_the_caller_vanishes() -> None:

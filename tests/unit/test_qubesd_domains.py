@@ -477,7 +477,8 @@ async def test_the_socket_is_0660_replaces_a_stale_one_and_is_removed_at_exit(
     stale.bind(str(path))
     stale.close()
     async with trio.open_nursery() as nursery:
-        await nursery.start(serve_admin, sample(), str(path))
+        await nursery.start(functools.partial(serve_admin, sample(), str(path),
+                                              request_timeout=10))
         assert stat.S_IMODE(os.lstat(path).st_mode) == 0o660
         assert await QubesdDomains(str(path), call_timeout=GUARD).create_disposable("tmpl")
         nursery.cancel_scope.cancel()
@@ -488,5 +489,5 @@ async def test_the_server_never_removes_what_is_not_a_socket(short_tmp: Path) ->
     path = short_tmp / "admin.sock"
     path.write_text("precious")
     with pytest.raises(OSError):
-        await serve_admin(sample(), str(path))
+        await serve_admin(sample(), str(path), request_timeout=10)
     assert path.read_text() == "precious"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from qrexec_trio.protocol import ExitCode, parse_cmdline
+from qrexec_trio.protocol import ExitStatus, parse_cmdline
 from qrexec_trio.services import (
     LaunchError,
     ProgramPlan,
@@ -51,18 +51,18 @@ def test_no_plus_is_looked_up_as_empty_argument_then_bare(tmp_path: Path) -> Non
 def test_missing_is_127_and_not_executable_is_125(tmp_path: Path) -> None:
     with pytest.raises(LaunchError) as missing:
         find_service(_rpc("nope src"), [str(tmp_path)])
-    assert missing.value.status == ExitCode.SERVICE_NOT_FOUND
+    assert missing.value.status == ExitStatus.SERVICE_NOT_FOUND
     _script(tmp_path / "plain", mode=0o644)
     with pytest.raises(LaunchError) as plain:
         find_service(_rpc("plain src"), [str(tmp_path)])
-    assert plain.value.status == ExitCode.PROBLEM
+    assert plain.value.status == ExitStatus.PROBLEM
 
 
 def test_dangling_symlink_counts_as_absent(tmp_path: Path) -> None:
     (tmp_path / "svc").symlink_to(tmp_path / "nowhere")
     with pytest.raises(LaunchError) as error:
         find_service(_rpc("svc src"), [str(tmp_path)])
-    assert error.value.status == ExitCode.SERVICE_NOT_FOUND
+    assert error.value.status == ExitStatus.SERVICE_NOT_FOUND
 
 
 def test_argument_cannot_climb_out_of_the_service_dir(tmp_path: Path) -> None:
@@ -72,7 +72,7 @@ def test_argument_cannot_climb_out_of_the_service_dir(tmp_path: Path) -> None:
     # "svc+/../../secret" is not one path component: only "svc" may be used.
     with pytest.raises(LaunchError) as error:
         find_service(_rpc("../secret src"), [str(services)])
-    assert error.value.status == ExitCode.SERVICE_NOT_FOUND
+    assert error.value.status == ExitStatus.SERVICE_NOT_FOUND
 
 
 def test_unix_socket_service(tmp_path: Path) -> None:
@@ -109,7 +109,7 @@ def test_non_root_agent_runs_only_as_itself() -> None:
     assert plan.identity.uid is None
     with pytest.raises(LaunchError) as error:
         runner.plan(parse_cmdline(b"root:echo hi"))
-    assert error.value.status == ExitCode.PROBLEM
+    assert error.value.status == ExitStatus.PROBLEM
 
 
 def test_root_agent_uses_the_users_login_shell() -> None:

@@ -7,17 +7,27 @@ import struct
 
 import pytest
 
-from qrexec_trio.protocol import MsgType, ProtocolError, encode_message
+from qrexec_trio.protocol import (
+    Data,
+    Direction,
+    Event,
+    ExitCode,
+    Hello,
+    LocalProtocolError,
+    MessageReader,
+    MsgType,
+    RemoteProtocolError,
+    ServiceRefused,
+    Stream,
+    encode_frame,
+)
 from qrexec_trio.roles import client_vm
 from qrexec_trio.roles._vm_local import (
-    StatusReader,
     decode_fifo_record,
     encode_fifo_record,
-    encode_status_exit,
-    encode_status_refused,
-    encode_status_stderr,
     fdpass_path,
     fifo_path,
+    format_cid,
     parse_cid,
 )
 from qrexec_trio.roles._vm_requests import ClaimRefused, ClaimTable
@@ -46,27 +56,42 @@ def test_fifo_record_round_trips_with_nul_padded_fields() -> None:
     ],
 )
 def test_malformed_fifo_records_are_rejected(record: bytes, rule: str) -> None:
-    with pytest.raises(ProtocolError, match=rule):
+    with pytest.raises(RemoteProtocolError, match=rule):
         decode_fifo_record(record)
 
 
 def test_fifo_fields_that_do_not_fit_are_refused_before_sending() -> None:
-    with pytest.raises(ProtocolError, match=r"fifo\.service"):
+    with pytest.raises(LocalProtocolError, match=r"fifo\.service"):
         encode_fifo_record(b"s" * 64, b"dom0", b"1 2 3")
-    with pytest.raises(ProtocolError, match=r"fifo\.target"):
+    with pytest.raises(LocalProtocolError, match=r"fifo\.target"):
         encode_fifo_record(b"svc", b"t" * 32, b"1 2 3")
+    with pytest.raises(LocalProtocolError, match=r"fifo\.cid"):
+        encode_fifo_record(b"svc", b"dom0", b"1 2\0 3")
 
 
 @pytest.mark.parametrize("text", [b"1 2", b"1 2 3 4", b"01 2 3", b"1  2 3", b"-1 2 3",
                                   b"1 2 3 ", b"a b c", b"1 1 2", b"12345678901 1 2",
                                   b"1234567890 1234567891 1234567892"])
 def test_only_canonical_cids_of_three_distinct_numbers_parse(text: bytes) -> None:
-    with pytest.raises(ProtocolError):
+    with pytest.raises(RemoteProtocolError) as error:
         parse_cid(text)
+    assert error.value.field == "cid"
 
 
 def test_a_cid_parses_to_its_fd_numbers() -> None:
     assert parse_cid(b"0 17 4") == (0, 17, 4)
+    assert parse_cid(format_cid((0, 17, 4))) == (0, 17, 4)
+
+
+def test_the_longest_cid_is_a_request_id() -> None:
+    # The agent refuses a request by its CID on the status channel (a SERVICE_REFUSED).
+    cid = format_cid((999999999, 1000000000, 1000000001))
+    assert len(cid) == 31
+    assert parse_cid(cid) == (999999999, 1000000000, 1000000001)
+    with pytest.raises(RemoteProtocolError, match="longer than 31"):
+        parse_cid(format_cid((1000000002, 1000000000, 1000000001)))
+    assert ServiceRefused(cid).encode() == encode_frame(MsgType.SERVICE_REFUSED,
+                                                       cid.ljust(32, b"\0"))
 
 
 def _table() -> ClaimTable[str]:
@@ -117,38 +142,68 @@ async def test_the_table_is_bounded_and_expiry_frees_a_slot() -> None:
     assert table.add(9, "sock9", ME) is not None
 
 
-def _read(data: bytes) -> list[tuple[int, bytes]]:
-    reader = StatusReader()
+# -- the status channel (agent -> qrexec-client-vm) ---------------------------------------
+# Its grammar lives in MessageReader(Direction.AGENT_TO_CLIENT_VM); the full
+# set of rules is in tests/protocol/test_framing.py. Here, what the two
+# programs send each other.
+
+
+def _read(data: bytes) -> list[Event]:
+    reader = MessageReader(Direction.AGENT_TO_CLIENT_VM)
     got = []
     # Byte by byte: the reader must reassemble frames from any split.
     for byte in data:
         reader.feed(bytes([byte]))
-        while (message := reader.next_message()) is not None:
-            got.append((message.type, message.payload))
-    assert not reader.in_message
+        while (event := reader.next_event()) is not None:
+            got.append(event)
+    reader.feed_eof()
+    assert reader.next_event() is None
+    assert reader.at_clean_eof, "the channel ended inside a message"
     return got
 
 
 def test_status_channel_carries_stderr_then_one_outcome() -> None:
-    data = encode_status_stderr(b"oops\n") + encode_status_exit(-1)
-    assert _read(data) == [(MsgType.DATA_STDERR, b"oops\n"),
-                           (MsgType.DATA_EXIT_CODE, struct.pack("<i", -1))]
-    assert _read(encode_status_refused(b"1 2 3")) == [
-        (MsgType.SERVICE_REFUSED, b"1 2 3".ljust(32, b"\0"))]
+    data = Data(Stream.STDERR, b"oops\n").encode() + ExitCode(-1).encode()
+    assert data == (encode_frame(MsgType.DATA_STDERR, b"oops\n")
+                    + encode_frame(MsgType.DATA_EXIT_CODE, struct.pack("<i", -1)))
+    assert _read(data) == [Data(Stream.STDERR, b"oops\n"), ExitCode(-1)]
+    refusal = ServiceRefused(b"1 2 3").encode()
+    assert refusal == encode_frame(MsgType.SERVICE_REFUSED, b"1 2 3".ljust(32, b"\0"))
+    assert _read(refusal) == [ServiceRefused(b"1 2 3")]
+
+
+def test_status_channel_may_end_without_an_outcome() -> None:
+    # The request was never answered: the client reports that, not a protocol error.
+    assert _read(Data(Stream.STDERR, b"partial").encode()) == [Data(Stream.STDERR, b"partial")]
+    assert _read(b"") == []
 
 
 @pytest.mark.parametrize(
-    "data",
+    ("data", "field"),
     [
-        encode_status_exit(0) + encode_status_stderr(b"late"),
-        encode_message(MsgType.DATA_STDOUT, b"x"),
-        encode_message(MsgType.DATA_STDERR, b""),
-        encode_message(MsgType.DATA_EXIT_CODE, b"\0\0\0\0\0"),
+        pytest.param(ExitCode(0).encode() + Data(Stream.STDERR, b"late").encode(), "header",
+                     id="stderr-after-exit"),
+        pytest.param(ServiceRefused(b"1 2 3").encode() + ExitCode(0).encode(), "header",
+                     id="exit-after-refusal"),
+        pytest.param(ExitCode(0).encode() * 2, "header", id="two-exits"),
+        pytest.param(encode_frame(MsgType.DATA_STDOUT, b"x"), "header.type", id="stdout"),
+        pytest.param(Hello(4).encode(), "header.type", id="hello"),
+        pytest.param(Data(Stream.STDERR, b"").encode(), "header.len", id="empty-stderr"),
+        pytest.param(encode_frame(MsgType.DATA_EXIT_CODE, b"\0\0\0\0\0"), "header.len",
+                     id="long-exit-code"),
+        pytest.param(encode_frame(MsgType.DATA_EXIT_CODE, b"\0\0"), "header.len",
+                     id="short-exit-code"),
+        pytest.param(encode_frame(MsgType.SERVICE_REFUSED, b"1 2 3"), "header.len",
+                     id="unpadded-refusal"),
+        pytest.param(encode_frame(MsgType.SERVICE_REFUSED, b"1/2".ljust(32, b"\0")),
+                     "request_id", id="refusal-with-a-bad-cid"),
+        pytest.param(ExitCode(0).encode()[:-1], "payload", id="cut-short"),
     ],
 )
-def test_status_channel_rejects_anything_else(data: bytes) -> None:
-    with pytest.raises(ProtocolError):
+def test_status_channel_rejects_anything_else(data: bytes, field: str) -> None:
+    with pytest.raises(RemoteProtocolError) as error:
         _read(data)
+    assert error.value.field == field
 
 
 @pytest.mark.parametrize(

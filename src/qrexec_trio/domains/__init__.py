@@ -17,6 +17,8 @@ from ._admin import encode_reply_ok as encode_reply_ok
 from ._admin import encode_request as encode_request
 from ._admin import encode_tags as encode_tags
 from ._admin import encode_vm_list as encode_vm_list
+from ._admin_server import AdminCallRefused as AdminCallRefused
+from ._admin_server import AdminMethod as AdminMethod
 from ._admin_server import serve_admin as serve_admin
 from ._disposable import disposable as disposable
 from ._interface import Domain as Domain

@@ -19,18 +19,17 @@ unknown method ``QubesNotImplementedError``, a failed operation its
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import itertools
-import os
-import socket
-import stat
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Final
 
 import structlog
 import trio
 
 from .._logging import get_logger
+from .._sockets import listening_socket, serve_socket
 from ._admin import (
     MAX_REQUEST_SIZE,
     AdminProtocolError,
@@ -55,43 +54,66 @@ NOT_IMPLEMENTED: Final = "QubesNotImplementedError"
 NOT_FOUND: Final = "QubesVMNotFoundError"
 NO_SUCH_PROPERTY: Final = "QubesNoSuchPropertyError"
 
-#: A client has this long to send its whole request, and to take the reply.
-DEFAULT_REQUEST_TIMEOUT: Final = 10.0
 _SOCKET_MODE: Final = 0o660
-_BACKLOG: Final = 64
 
 
-class _BadRequest(Exception):
+class AdminCallRefused(Exception):
+    """A call answered with an error reply of ``kind`` (a qubesd exception name)."""
+
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
 
 
+#: A method of our own: the request in, the reply's value out (or AdminCallRefused).
+AdminMethod = Callable[[AdminRequest], Awaitable[bytes]]
+
+
 async def serve_admin(
-    domains: Domains,
+    domains: Domains | None,
     socket_path: str,
     *,
-    request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+    methods: Mapping[str, AdminMethod] | None = None,
+    request_timeout: float,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until cancelled; ``started`` once the socket accepts connections."""
+    """Serve until cancelled; ``started`` once the socket accepts connections.
+
+    ``domains`` answers qubesd's calls (``None``: none of them); ``methods``
+    adds calls of our own (a control socket serves only those).
+    """
     numbers = itertools.count(1)
+    table = _Table(domains, dict(methods or {}))
 
     async def handle(stream: trio.SocketStream) -> None:
         with structlog.contextvars.bound_contextvars(admin_conn=next(numbers)):
-            await _serve_connection(domains, stream, request_timeout)
+            await _serve_connection(table, stream, request_timeout)
 
-    with _listening_socket(socket_path) as sock:
+
+    with listening_socket(socket_path, mode=_SOCKET_MODE) as sock:
         log.info("serving admin calls", socket=socket_path)
         async with trio.open_nursery() as nursery:
             task_status.started()
-            # serve_listeners rides out EMFILE and friends instead of dying.
-            await trio.serve_listeners(handle, [trio.SocketListener(sock)],
-                                       handler_nursery=nursery)
+            await serve_socket(sock, handle, nursery)
 
 
-async def _serve_connection(domains: Domains, stream: trio.SocketStream,
+@dataclass(frozen=True)
+class _Table:
+    domains: Domains | None
+    methods: dict[str, AdminMethod]
+
+    def find(self, method: str) -> AdminMethod | None:
+        if method in self.methods:
+            return self.methods[method]
+        handler = _HANDLERS.get(method)
+        domains = self.domains
+        if handler is None or domains is None:
+            return None
+        return functools.partial(handler, domains)
+
+
+async def _serve_connection(table: _Table, stream: trio.SocketStream,
                             request_timeout: float) -> None:
     async with stream:
         unread = False
@@ -101,7 +123,7 @@ async def _serve_connection(domains: Domains, stream: trio.SocketStream,
         except trio.TooSlowError:
             log.warning("admin client sent no complete request in time")
             reply = encode_reply_error(REQUEST_ERROR, "request not complete in time")
-        except _BadRequest as exc:
+        except AdminCallRefused as exc:
             log.warning("admin request refused", error=exc.message)
             reply = encode_reply_error(exc.kind, exc.message)
             unread = True
@@ -109,7 +131,7 @@ async def _serve_connection(domains: Domains, stream: trio.SocketStream,
             log.debug("admin client went away")
             return
         else:
-            reply = await _answer(domains, data)
+            reply = await _answer(table, data)
         try:
             with trio.fail_after(request_timeout):
                 await stream.send_all(reply)
@@ -131,10 +153,10 @@ async def _read_request(stream: trio.SocketStream) -> bytes:
             return bytes(data)
         data += chunk
         if len(data) > MAX_REQUEST_SIZE:
-            raise _BadRequest(REQUEST_ERROR, f"request longer than {MAX_REQUEST_SIZE} bytes")
+            raise AdminCallRefused(REQUEST_ERROR, f"request longer than {MAX_REQUEST_SIZE} bytes")
 
 
-async def _answer(domains: Domains, data: bytes) -> bytes:
+async def _answer(table: _Table, data: bytes) -> bytes:
     """The reply to one whole request; never raises (but Cancelled)."""
     try:
         request = decode_request(data)
@@ -142,12 +164,12 @@ async def _answer(domains: Domains, data: bytes) -> bytes:
         log.warning("malformed admin request", field=exc.field, rule=exc.rule)
         return encode_reply_error(REQUEST_ERROR, exc.message)
     with structlog.contextvars.bound_contextvars(call=request.call, dest=request.dest):
-        handler = _HANDLERS.get(request.method)
+        handler = table.find(request.method)
         try:
             if handler is None:
-                raise _BadRequest(NOT_IMPLEMENTED, f"no method {request.method}")
-            reply = encode_reply_ok(await handler(domains, request))
-        except _BadRequest as exc:
+                raise AdminCallRefused(NOT_IMPLEMENTED, f"no method {request.method}")
+            reply = encode_reply_ok(await handler(request))
+        except AdminCallRefused as exc:
             log.info("admin call refused", kind=exc.kind, error=exc.message)
             return encode_reply_error(exc.kind, exc.message)
         except DomainsError as exc:
@@ -180,16 +202,16 @@ _Handler = Callable[[Domains, AdminRequest], Awaitable[bytes]]
 
 def _expect(request: AdminRequest, *, arg: bool = False, payload: bool = False) -> None:
     if request.arg and not arg:
-        raise _BadRequest(REQUEST_ERROR, f"{request.method} takes no argument")
+        raise AdminCallRefused(REQUEST_ERROR, f"{request.method} takes no argument")
     if request.payload and not payload:
-        raise _BadRequest(REQUEST_ERROR, f"{request.method} takes no payload")
+        raise AdminCallRefused(REQUEST_ERROR, f"{request.method} takes no payload")
 
 
 def _dest_name(request: AdminRequest) -> str:
     if request.dest == "@adminvm":
         return "dom0"
     if request.dest_is_keyword:
-        raise _BadRequest(NOT_FOUND, f"no domain for keyword {request.dest}")
+        raise AdminCallRefused(NOT_FOUND, f"no domain for keyword {request.dest}")
     return request.dest
 
 
@@ -197,7 +219,7 @@ async def _find(domains: Domains, name: str) -> Domain:
     for domain in await domains.list():
         if domain.name == name:
             return domain
-    raise _BadRequest(NOT_FOUND, f"no such domain: {name}")
+    raise AdminCallRefused(NOT_FOUND, f"no such domain: {name}")
 
 
 def _list_entry(domain: Domain) -> ListEntry:
@@ -226,7 +248,7 @@ async def _property_get(domains: Domains, request: AdminRequest) -> bytes:
     _expect(request, arg=True)
     getter = _PROPERTIES.get(request.arg)
     if getter is None:
-        raise _BadRequest(NO_SUCH_PROPERTY, f"no property {request.arg!r}")
+        raise AdminCallRefused(NO_SUCH_PROPERTY, f"no property {request.arg!r}")
     return encode_property(getter(await _find(domains, _dest_name(request))))
 
 
@@ -252,17 +274,17 @@ async def _create_disposable(domains: Domains, request: AdminRequest) -> bytes:
     if request.payload:
         # The reference asks for ``uuid`` when it addresses domains by UUID;
         # our domains have names only.
-        raise _BadRequest(NOT_IMPLEMENTED, "disposables are named, not addressed by UUID")
+        raise AdminCallRefused(NOT_IMPLEMENTED, "disposables are named, not addressed by UUID")
     template = _dest_name(request)
     if template == "dom0":
         # As qubesd: dom0 as destination means "the caller's default".
         source = await _find(domains, request.source)
         if source.default_dispvm is None:
-            raise _BadRequest("QubesException", f"{source.name} has no default_dispvm")
+            raise AdminCallRefused("QubesException", f"{source.name} has no default_dispvm")
         template = source.default_dispvm
     name = await domains.create_disposable(template)
     if not is_domain_name(name):
-        raise _BadRequest("QubesException", f"made a disposable with a bad name: {name!r}")
+        raise AdminCallRefused("QubesException", f"made a disposable with a bad name: {name!r}")
     return name.encode("ascii")
 
 
@@ -276,31 +298,3 @@ _HANDLERS: Final[dict[str, _Handler]] = {
     "admin.vm.Kill": _kill,
     "admin.vm.CreateDisposable": _create_disposable,
 }
-
-
-# -- the socket ----------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _listening_socket(path: str) -> Iterator[trio.socket.SocketType]:
-    """A listening unix socket at ``path`` (mode 0660), unlinked on exit if still ours."""
-    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        with contextlib.suppress(FileNotFoundError):
-            # A leftover of a crashed predecessor; never remove anything else.
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)
-        raw.bind(path)
-        inode = os.lstat(path).st_ino
-        try:
-            # Between bind and chmod the socket has the umask's mode; the
-            # directory it lives in is what keeps strangers out meanwhile.
-            os.chmod(path, _SOCKET_MODE)
-            raw.listen(_BACKLOG)
-            yield trio.socket.from_stdlib_socket(raw)
-        finally:
-            with contextlib.suppress(OSError):
-                if os.lstat(path).st_ino == inode:
-                    os.unlink(path)
-    finally:
-        raw.close()

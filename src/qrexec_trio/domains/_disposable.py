@@ -22,10 +22,14 @@ log = get_logger(__name__)
 @asynccontextmanager
 async def disposable(domains: Domains, template: str, timeouts: Timeouts) -> AsyncIterator[str]:
     """Create and start a DispVM from ``template``; yields its name; always destroys it."""
-    with trio.fail_after(timeouts.domain_start):
+    # Creation is shielded (and bounded): a cancellation that arrived while
+    # the domain manager was making the DispVM must not lose its name, or
+    # nobody could destroy it. The cancellation still takes effect below.
+    with trio.CancelScope(shield=True), trio.fail_after(timeouts.domain_start):
         name = await domains.create_disposable(template)
     log.info("dispvm created", dispvm=name, template=template)
     try:
+        await trio.lowlevel.checkpoint()  # a pending cancellation ends the call here
         with trio.fail_after(timeouts.domain_start):
             await domains.start(name)
         log.info("dispvm started", dispvm=name)

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from .._errors import QrexecError
+
 
 @dataclass(frozen=True)
 class Domain:
@@ -32,7 +34,7 @@ class Domain:
         return self.domid is not None
 
 
-class DomainsError(Exception):
+class DomainsError(QrexecError):
     """A domain operation failed. ``kind`` names the failure like qubesd's
     exception types do (``QubesVMNotFoundError``, ``QubesVMError``, ...)."""
 

@@ -59,10 +59,11 @@ class QubesdDomains:
     """The registry and lifecycle of domains as qubesd manages them."""
 
     def __init__(self, socket_path: str = DEFAULT_QUBESD_SOCKET, *,
-                 timeouts: Timeouts | None = None, call_timeout: float = 60.0) -> None:
+                 timeouts: Timeouts | None = None, call_timeout: float | None = None) -> None:
         self.socket_path = socket_path
         self.timeouts = timeouts if timeouts is not None else Timeouts()
-        self.call_timeout = call_timeout
+        self.call_timeout = (call_timeout if call_timeout is not None
+                             else (timeouts or Timeouts()).admin_call)
 
     async def list(self) -> list[Domain]:
         listing = decode_vm_list(await self.call("admin.vm.List", "dom0"))

@@ -1,8 +1,25 @@
-"""Structured-concurrency building blocks: framed links, the data pump, child processes."""
+"""Structured-concurrency building blocks: the Connection and its registry, framed
+links, the data pump, the glue, child processes."""
 
+from ._connection import Connection as Connection
+from ._connection import ConnectionInfo as ConnectionInfo
+from ._connection import ConnectionRegistry as ConnectionRegistry
+from ._connection import Meter as Meter
+from ._connection import State as State
+from ._connection import call_id as call_id
+from ._control import CONNECTIONS as CONNECTIONS
+from ._control import KILL as KILL
+from ._control import UNKNOWN_CONNECTION as UNKNOWN_CONNECTION
+from ._control import gather_connections as gather_connections
+from ._control import gathering_methods as gathering_methods
+from ._control import kill_everywhere as kill_everywhere
+from ._control import parse_connections as parse_connections
+from ._control import registry_methods as registry_methods
+from ._errors import CALL_FAILURES as CALL_FAILURES
 from ._errors import one_error as one_error
 from ._glue import glue as glue
 from ._link import FramedLink as FramedLink
+from ._link import open_caller_link as open_caller_link
 from ._process import GroupLedger as GroupLedger
 from ._process import child_process as child_process
 from ._process import exit_status as exit_status

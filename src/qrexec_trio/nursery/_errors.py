@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Final
 
 import trio
+
+from .._errors import QrexecError
+
+#: What a role catches around one call or request (the error is logged and
+#: ends that call only): ours, a timeout, a stream that broke, the OS saying no.
+CALL_FAILURES: Final = (QrexecError, trio.TooSlowError, trio.BrokenResourceError,
+                        trio.ClosedResourceError, OSError)
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:

@@ -14,17 +14,21 @@ late input could no longer be delivered.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Final
 
 import trio
+
+from ._connection import Meter
 
 _CHUNK: Final = 65536 + 8
 
 
 async def _copy(source: trio.abc.ReceiveStream, sink: trio.abc.SendStream,
-                done: trio.CancelScope) -> None:
+                done: trio.CancelScope, count: Callable[[int], None]) -> None:
     try:
         while data := await source.receive_some(_CHUNK):
+            count(len(data))
             try:
                 await sink.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -37,17 +41,28 @@ async def _copy(source: trio.abc.ReceiveStream, sink: trio.abc.SendStream,
 
 async def glue(
     first: trio.abc.Stream, second: trio.abc.Stream, *, first_pending: bytes = b"",
-    second_pending: bytes = b"",
+    second_pending: bytes = b"", meter: Meter | None = None,
 ) -> None:
-    """Copy ``first`` <-> ``second`` until either ends.
+    """Copy ``first`` (the caller's leg) <-> ``second`` (the service's) until either ends.
 
     ``*_pending`` are bytes already read from that stream (past its HELLO)
-    that must reach the other side before anything else.
+    that must reach the other side before anything else. ``meter`` counts
+    the bytes each way (framing included: dom0 does not parse them).
     """
+    meter = meter or Meter()
+
+    def to_service(size: int) -> None:
+        meter.to_service += size
+
+    def to_caller(size: int) -> None:
+        meter.to_caller += size
+
     async with trio.open_nursery() as nursery:
         if first_pending:
+            to_service(len(first_pending))
             await second.send_all(first_pending)
         if second_pending:
+            to_caller(len(second_pending))
             await first.send_all(second_pending)
-        nursery.start_soon(_copy, first, second, nursery.cancel_scope)
-        nursery.start_soon(_copy, second, first, nursery.cancel_scope)
+        nursery.start_soon(_copy, first, second, nursery.cancel_scope, to_service)
+        nursery.start_soon(_copy, second, first, nursery.cancel_scope, to_caller)

@@ -1,8 +1,8 @@
-"""A framed link: the thin I/O driver around :class:`~qrexec_trio.protocol.MessageReader`.
+"""A framed link: the thin trio driver around :class:`~qrexec_trio.protocol.MessageReader`.
 
-It owns a stream (a vchan or a unix socket), turns received bytes into
-validated messages and serialises senders, so that two tasks of one
-connection can both send on it without interleaving their frames.
+It owns a stream (a vchan or a unix socket), turns received bytes into typed
+events and serialises senders, so that two tasks of one connection can both
+send on it without interleaving their frames.
 """
 
 from __future__ import annotations
@@ -12,19 +12,18 @@ from typing import Final, final
 import trio
 
 from ..protocol import (
+    DATA_RING_SIZE,
     HEADER_SIZE,
+    PROTOCOL_VERSION,
     Direction,
-    Message,
+    Event,
+    Hello,
     MessageReader,
-    MsgType,
-    ProtocolError,
-    decode_hello,
-    encode_hello,
-    encode_message,
+    RemoteProtocolError,
     max_data_chunk,
     negotiate_version,
 )
-from ..xen import Vchan
+from ..xen import Vchan, VchanBackend
 
 _RECEIVE_SIZE: Final = 65536 + 8
 
@@ -55,23 +54,26 @@ class FramedLink:
             limit = min(limit, self.stream.buffer_space() - HEADER_SIZE)
         return max(1, limit)
 
-    async def send(self, msg_type: int, payload: bytes | bytearray = b"") -> None:
+    async def send(self, event: Event) -> None:
         """Send one message; concurrent senders queue up, frames never interleave."""
-        frame = encode_message(msg_type, payload)
+        frame = event.encode()
         async with self._send_lock:
             await self.stream.send_all(frame)
 
-    async def receive(self) -> Message | None:
-        """The next message, or ``None`` if the peer closed between messages.
+    async def receive(self) -> Event | None:
+        """The next event, or ``None`` if the peer closed between messages.
 
-        Raises :class:`ProtocolError` for anything the peer may not send, and
-        for a stream that ends inside a message.
+        Raises :class:`RemoteProtocolError` for anything the peer may not send,
+        and for a stream that ends inside a message;
+        :class:`~qrexec_trio.protocol.UndecodableMessage` (one of those) for a
+        well-framed message with a bad payload, after which the link is still
+        in step.
         """
         while True:
-            message = self._reader.next_message()
-            if message is not None:
+            event = self._reader.next_event()
+            if event is not None:
                 await trio.lowlevel.checkpoint()
-                return message
+                return event
             if self._reader.at_clean_eof:
                 await trio.lowlevel.checkpoint()
                 return None
@@ -82,14 +84,15 @@ class FramedLink:
                 self._reader.feed_eof()
 
     async def send_hello(self, version: int) -> None:
-        await self.send(MsgType.HELLO, encode_hello(version))
+        await self.send(Hello(version))
 
     async def receive_hello(self) -> int:
         """The peer's version from its HELLO (the reader insists HELLO comes first)."""
-        message = await self.receive()
-        if message is None:
-            raise ProtocolError("hello", "peer closed before its HELLO")
-        return decode_hello(message.payload)
+        event = await self.receive()
+        if event is None:
+            raise RemoteProtocolError("hello", "peer closed before its HELLO")
+        assert isinstance(event, Hello)  # the reader lets nothing else through first
+        return event.version
 
     async def exchange_hello(self, own: int, *, send_first: bool = True, minimum: int = 2) -> int:
         """Both sides send their version and use the lower one (data vchans, client socket)."""
@@ -109,3 +112,25 @@ class FramedLink:
 
     async def aclose(self) -> None:
         await self.stream.aclose()
+
+
+async def open_caller_link(backend: VchanBackend, domain: int, port: int, *,
+                           accept_timeout: float, handshake_timeout: float,
+                           ring: int = DATA_RING_SIZE) -> FramedLink:
+    """Serve a data vchan as a call's caller does, take its peer and exchange HELLOs.
+
+    The caller of a call is the vchan's server (wire-protocol.md §6): dom0's
+    client, or an agent serving its own VM's call. The link's stream is the
+    caller's to close.
+    """
+    vchan = await backend.serve_one(domain, port, timeout=accept_timeout, read_min=ring,
+                                    write_min=ring)
+    link = FramedLink(vchan, Direction.SERVICE_TO_CALLER)
+    try:
+        with trio.fail_after(handshake_timeout):
+            await link.exchange_hello(PROTOCOL_VERSION, send_first=True)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await vchan.aclose()
+        raise
+    return link

@@ -22,22 +22,24 @@ from dataclasses import dataclass, field
 
 import trio
 
+from .._errors import QrexecError
 from .._logging import get_logger
 from ..protocol import (
+    Data,
     ExitCode,
-    MsgType,
-    decode_exit_code,
-    encode_exit_code,
+    ExitStatus,
+    Stream,
     filter_escape_chars,
     max_data_chunk,
 )
+from ._connection import Meter
 from ._errors import one_error
 from ._link import FramedLink
 
 log = get_logger(__name__)
 
 
-class PeerGone(Exception):
+class PeerGone(QrexecError):
     """The other end of the data vchan closed before the call was complete."""
 
 
@@ -64,72 +66,76 @@ class ServiceEnd:
 
 
 async def _send_output(
-    source: trio.abc.ReceiveStream, link: FramedLink, msg_type: MsgType
+    source: trio.abc.ReceiveStream, link: FramedLink, stream: Stream, meter: Meter
 ) -> None:
     while True:
         try:
             data = await source.receive_some(link.data_chunk_size())
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             data = b""
-        await link.send(msg_type, data)
+        meter.to_caller += len(data)
+        await link.send(Data(stream, bytes(data)))
         if not data:
             return
 
 
-async def _feed_input(link: FramedLink, end: ServiceEnd) -> None:
+async def _feed_input(link: FramedLink, end: ServiceEnd, meter: Meter) -> None:
     """Caller's MSG_DATA_STDIN -> the service, until the service is done with it."""
     input_open = end.input is not None
     while True:
-        message = await link.receive()
-        if message is None:
+        event = await link.receive()
+        if event is None:
             raise PeerGone("caller closed the data vchan before the exit code")
+        # The reader lets only Data(STDIN) through on this link.
+        assert isinstance(event, Data)
+        meter.to_service += len(event.data)
         if not input_open:
             continue  # after STDIN EOF, or once the service exited, data is dropped
-        if not message.payload:
+        if not event.data:
             input_open = False
             await end.close_input()
             continue
         assert end.input is not None
         try:
-            await end.input.send_all(message.payload)
+            await end.input.send_all(event.data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             # The service stopped reading (or exited): drop the rest, as the reference does.
             input_open = False
 
 
-async def serve_data(link: FramedLink, end: ServiceEnd) -> int:
+async def serve_data(link: FramedLink, end: ServiceEnd, meter: Meter | None = None) -> int:
     """Run the service side of the data phase; return the exit status it reported.
 
     Raises :class:`PeerGone` if the caller vanished before the exit code, so
     that the connection scope kills the service.
     """
     if end.errors is None:
-        await link.send(MsgType.DATA_STDERR, b"")
+        await link.send(Data(Stream.STDERR, b""))
     with one_error():
-        return await _serve_data(link, end)
+        return await _serve_data(link, end, meter or Meter())
 
 
-async def _serve_data(link: FramedLink, end: ServiceEnd) -> int:
+async def _serve_data(link: FramedLink, end: ServiceEnd, meter: Meter) -> int:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_feed_input, link, end)
+        nursery.start_soon(_feed_input, link, end, meter)
         status = 0
         async with trio.open_nursery() as outputs:
-            outputs.start_soon(_send_output, end.output, link, MsgType.DATA_STDOUT)
+            outputs.start_soon(_send_output, end.output, link, Stream.STDOUT, meter)
             if end.errors is not None:
-                outputs.start_soon(_send_output, end.errors, link, MsgType.DATA_STDERR)
+                outputs.start_soon(_send_output, end.errors, link, Stream.STDERR, meter)
             status = await end.wait()
             # The service exited: its input is closed at once, pending data dropped.
             await end.close_input()
-        await link.send(MsgType.DATA_EXIT_CODE, encode_exit_code(status))
+        await link.send(ExitCode(status))
         nursery.cancel_scope.cancel()
     return status
 
 
 async def send_spawn_failure(link: FramedLink, status: int) -> None:
     """The agent's answer when the service cannot start: both EOFs, then the status."""
-    await link.send(MsgType.DATA_STDOUT, b"")
-    await link.send(MsgType.DATA_STDERR, b"")
-    await link.send(MsgType.DATA_EXIT_CODE, encode_exit_code(status))
+    await link.send(Data(Stream.STDOUT, b""))
+    await link.send(Data(Stream.STDERR, b""))
+    await link.send(ExitCode(status))
 
 
 @dataclass
@@ -152,9 +158,9 @@ class CallerEnd:
     _input_done: bool = field(default=False, init=False)
 
 
-async def _send_input(link: FramedLink, end: CallerEnd) -> None:
+async def _send_input(link: FramedLink, end: CallerEnd, meter: Meter) -> None:
     try:
-        await _send_input_until_eof(link, end)
+        await _send_input_until_eof(link, end, meter)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         # The service side may finish (and close) without reading our input,
         # as a service that does not exist does. Its messages are still
@@ -162,10 +168,11 @@ async def _send_input(link: FramedLink, end: CallerEnd) -> None:
         end._input_done = True
 
 
-async def _send_input_until_eof(link: FramedLink, end: CallerEnd) -> None:
+async def _send_input_until_eof(link: FramedLink, end: CallerEnd, meter: Meter) -> None:
     chunk = max_data_chunk(link.version or 2)
+    meter.to_service += len(end.prefix)
     for start in range(0, len(end.prefix), chunk):
-        await link.send(MsgType.DATA_STDIN, end.prefix[start : start + chunk])
+        await link.send(Data(Stream.STDIN, end.prefix[start : start + chunk]))
     if end.input is not None:
         while True:
             try:
@@ -174,9 +181,10 @@ async def _send_input_until_eof(link: FramedLink, end: CallerEnd) -> None:
                 data = b""
             if not data:
                 break
-            await link.send(MsgType.DATA_STDIN, data)
+            meter.to_service += len(data)
+            await link.send(Data(Stream.STDIN, bytes(data)))
     end._input_done = True
-    await link.send(MsgType.DATA_STDIN, b"")
+    await link.send(Data(Stream.STDIN, b""))
 
 
 async def _write_local(
@@ -192,48 +200,50 @@ async def _write_local(
     return stream
 
 
-async def call_data(link: FramedLink, end: CallerEnd, *, finish_timeout: float = 2.0) -> int:
+async def call_data(link: FramedLink, end: CallerEnd, *, finish_timeout: float,
+                    meter: Meter | None = None) -> int:
     """Run the caller side of the data phase.
 
     Returns the remote exit status, or -1 if the vchan closed before one came.
     """
     with one_error():
-        status = await _call_data(link, end)
+        status = await _call_data(link, end, meter or Meter())
     if status is None:
         return -1
     if not end._input_done:
         # Best effort, as the reference: the service side may already have closed.
         with trio.move_on_after(finish_timeout):
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await link.send(MsgType.DATA_STDIN, b"")
+                await link.send(Data(Stream.STDIN, b""))
     return status
 
 
-async def _call_data(link: FramedLink, end: CallerEnd) -> int | None:
+async def _call_data(link: FramedLink, end: CallerEnd, meter: Meter) -> int | None:
     status: int | None = None
     output: trio.abc.SendStream | None = end.output
     errors = end.errors
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_send_input, link, end)
+        nursery.start_soon(_send_input, link, end, meter)
         while status is None:
-            message = await link.receive()
-            if message is None:
-                break
-            if message.type == MsgType.DATA_STDOUT:
-                if message.payload:
-                    output = await _write_local(
-                        output, message.payload, filtered=end.filter_stdout
-                    )
-                elif output is not None:
-                    output = None
-                    await end.close_output()
-            elif message.type == MsgType.DATA_STDERR:
-                if message.payload:  # an empty one is the stderr EOF marker: nothing to do
-                    errors = await _write_local(
-                        errors, message.payload, filtered=end.filter_stderr
-                    )
-            else:  # MSG_DATA_EXIT_CODE: the reader lets nothing else through
-                status = decode_exit_code(message.payload)
+            event = await link.receive()
+            if isinstance(event, Data):
+                meter.to_caller += len(event.data)
+            match event:
+                case None:
+                    break
+                case Data(Stream.STDOUT, data) if data:
+                    output = await _write_local(output, data, filtered=end.filter_stdout)
+                case Data(Stream.STDOUT):
+                    if output is not None:
+                        output = None
+                        await end.close_output()
+                case Data(Stream.STDERR, data):
+                    if data:  # an empty one is the stderr EOF marker: nothing to do
+                        errors = await _write_local(errors, data, filtered=end.filter_stderr)
+                case ExitCode(remote_status):
+                    status = remote_status
+                case other:  # the reader lets nothing else through on this link
+                    raise AssertionError(f"unexpected {other!r}")
         # The call is over: stop reading local input.
         nursery.cancel_scope.cancel()
     return status
@@ -242,7 +252,7 @@ async def _call_data(link: FramedLink, end: CallerEnd) -> int | None:
 def caller_exit_code(remote_status: int, local_status: int | None) -> int:
     """qrexec's rule: the remote status if non-zero, else the local program's, else 0."""
     if remote_status < 0:
-        return int(ExitCode.CONNECTION_LOST)
+        return int(ExitStatus.CONNECTION_LOST)
     if remote_status != 0:
         return remote_status & 0xFF
     return local_status or 0

@@ -10,7 +10,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppres
 import trio
 
 from .._config import Timeouts
-from ..protocol import ExitCode
+from ..protocol import ExitStatus
 from ..services import LaunchError, Plan, ProgramPlan, SocketPlan
 from ._process import GroupLedger, child_process, exit_status
 from ._pump import ServiceEnd
@@ -18,7 +18,7 @@ from ._streams import EofWatch
 
 
 def _spawn_error(exc: OSError, what: str) -> LaunchError:
-    status = ExitCode.SERVICE_NOT_FOUND if exc.errno == errno.ENOENT else ExitCode.PROBLEM
+    status = ExitStatus.SERVICE_NOT_FOUND if exc.errno == errno.ENOENT else ExitStatus.PROBLEM
     return LaunchError(status, f"cannot start {what}: {exc.strerror or exc}")
 
 
@@ -82,7 +82,7 @@ async def _open_socket_service(plan: SocketPlan) -> AsyncIterator[ServiceEnd]:
         stream = await trio.open_unix_socket(plan.path)
     except OSError as exc:
         raise LaunchError(
-            ExitCode.PROBLEM, f"cannot connect to socket service {plan.path}: {exc.strerror}"
+            ExitStatus.PROBLEM, f"cannot connect to socket service {plan.path}: {exc.strerror}"
         ) from exc
     async with stream:
         await stream.send_all(plan.descriptor)

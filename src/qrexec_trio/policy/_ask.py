@@ -23,12 +23,14 @@ from typing import Final
 
 import structlog
 
+from .._config import Timeouts
 from ._engine import Decision
 from ._rules import Action
 
 log = structlog.get_logger(__name__)
 
-DEFAULT_ASK_TIMEOUT: Final = 120.0
+#: How long a user has to answer an ask prompt (Timeouts.policy).
+DEFAULT_ASK_TIMEOUT: Final = Timeouts().policy
 #: An answer is one target name; a prompt that writes more is broken.
 _MAX_ANSWER_BYTES: Final = 256
 
@@ -83,7 +85,7 @@ def resolve_ask(decision: Decision, *, assume_yes: bool, prompt: Prompt | None) 
         return decision.allow(decision.default_target, "ask: assumed yes")
     if prompt is None:
         log.warning(
-            "policy.ask_denied_no_prompt",
+            "ask denied: no prompt program",
             source=decision.request.source, service=decision.request.call_name,
             target=decision.request.target,
         )
@@ -92,7 +94,7 @@ def resolve_ask(decision: Decision, *, assume_yes: bool, prompt: Prompt | None) 
     if answer is None:
         return decision.deny("ask: the user declined")
     if answer not in decision.ask_targets:
-        log.warning("policy.ask_bad_answer", answer=answer[:64], offered=decision.ask_targets)
+        log.warning("ask answer is not a choice", answer=answer[:64], offered=decision.ask_targets)
         return decision.deny("ask: the answer was not one of the offered targets")
     return decision.allow(answer, "ask: the user chose a target")
 
@@ -110,22 +112,22 @@ def ask_program(argv: Sequence[str], question: Question, *, timeout: float) -> s
             close_fds=True,
         )
     except subprocess.TimeoutExpired:
-        log.warning("policy.ask_timeout", program=argv[0], timeout=timeout)
+        log.warning("ask timed out", program=argv[0], timeout=timeout)
         return None
     except OSError as exc:
-        log.error("policy.ask_failed", program=argv[0], error=str(exc))
+        log.error("ask failed", program=argv[0], error=str(exc))
         return None
     if completed.returncode != 0:
-        log.warning("policy.ask_program_failed", program=argv[0], status=completed.returncode)
+        log.warning("ask program failed", program=argv[0], status=completed.returncode)
         return None
     output = completed.stdout
     if len(output) > _MAX_ANSWER_BYTES:
-        log.warning("policy.ask_answer_too_long", program=argv[0], length=len(output))
+        log.warning("ask answer too long", program=argv[0], length=len(output))
         return None
     try:
         answer = output.decode("ascii").strip()
     except UnicodeDecodeError:
-        log.warning("policy.ask_answer_not_ascii", program=argv[0])
+        log.warning("ask answer not ASCII", program=argv[0])
         return None
     return answer or None
 

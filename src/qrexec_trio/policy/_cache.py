@@ -176,10 +176,10 @@ class PolicyCache:
         self.loads += 1
         policy = result.policy
         for error in policy.errors:
-            log.error("policy.syntax_error", file=error.path, line=error.line,
+            log.error("policy syntax error", file=error.path, line=error.line,
                       error=error.message)
         log.info(
-            "policy.loaded", rules=len(policy.rules), errors=len(policy.errors),
+            "policy loaded", rules=len(policy.rules), errors=len(policy.errors),
             files_parsed=result.files_parsed, r2_dir=self.r2_dir, policy_d=self.policy_d,
         )
         return result

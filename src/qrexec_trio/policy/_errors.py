@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from .._errors import QrexecError
 
-class PolicySyntaxError(Exception):
+
+class PolicySyntaxError(QrexecError):
     """A policy file (or a file it names) cannot be used.
 
     ``line`` is 1-based; 0 means the file as a whole (it is missing, unreadable,

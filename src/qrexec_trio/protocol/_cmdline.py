@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from ._constants import MAX_SERVICE_BASENAME_LEN, MAX_SERVICE_NAME_LEN
-from ._errors import ProtocolError
+from ._errors import RemoteProtocolError
 
 RPC_PREFIX: Final = "QUBESRPC"
 NOGUI_PREFIX: Final = "nogui:"
@@ -82,20 +82,20 @@ def parse_cmdline(cmdline: bytes, *, with_user: bool = True) -> Cmdline:
     if with_user:
         user, colon, text = text.partition(":")
         if not colon:
-            raise ProtocolError("cmdline.user", "no 'user:' prefix")
+            raise RemoteProtocolError("cmdline.user", "no 'user:' prefix")
         if not user:
-            raise ProtocolError("cmdline.user", "empty user name")
+            raise RemoteProtocolError("cmdline.user", "empty user name")
     nogui = text.startswith(NOGUI_PREFIX)
     if nogui:
         text = text[len(NOGUI_PREFIX) :]
     if not text.startswith(RPC_PREFIX):
         if not text:
-            raise ProtocolError("cmdline.command", "empty command")
+            raise RemoteProtocolError("cmdline.command", "empty command")
         return Cmdline(user, nogui, ShellCommand(text))
     rest = text[len(RPC_PREFIX) :]
     if not rest.startswith(" "):
         # "QUBESRPCfoo" is neither an RPC call nor something we should run.
-        raise ProtocolError("cmdline.rpc", "QUBESRPC must be followed by a space")
+        raise RemoteProtocolError("cmdline.rpc", "QUBESRPC must be followed by a space")
     return Cmdline(user, nogui, _parse_rpc(rest[1:]))
 
 
@@ -104,28 +104,30 @@ def _parse_rpc(text: str) -> RpcCall:
     # without a user part: qrexec-client -l takes the short form too.
     tokens = text.split(" ")
     if len(tokens) not in (2, 4):
-        raise ProtocolError(
+        raise RemoteProtocolError(
             "cmdline.rpc", f"expected 'SVC[+ARG] SOURCE [TYPE TARGET]', got {len(tokens)} tokens"
         )
     descriptor, source = tokens[0], tokens[1]
     if not descriptor:
-        raise ProtocolError("cmdline.rpc.descriptor", "empty")
+        raise RemoteProtocolError("cmdline.rpc.descriptor", "empty")
     if len(descriptor.encode("utf-8", "surrogateescape")) > MAX_SERVICE_NAME_LEN:
-        raise ProtocolError("cmdline.rpc.descriptor", f"longer than {MAX_SERVICE_NAME_LEN} bytes")
+        raise RemoteProtocolError("cmdline.rpc.descriptor",
+            f"longer than {MAX_SERVICE_NAME_LEN} bytes")
     name, plus, argument = descriptor.partition("+")
     if not name:
-        raise ProtocolError("cmdline.rpc.service", "empty service name")
+        raise RemoteProtocolError("cmdline.rpc.service", "empty service name")
     if len(name.encode("utf-8", "surrogateescape")) > MAX_SERVICE_BASENAME_LEN:
-        raise ProtocolError("cmdline.rpc.service", f"longer than {MAX_SERVICE_BASENAME_LEN} bytes")
+        raise RemoteProtocolError("cmdline.rpc.service",
+            f"longer than {MAX_SERVICE_BASENAME_LEN} bytes")
     if not source:
-        raise ProtocolError("cmdline.rpc.source", "empty source domain")
+        raise RemoteProtocolError("cmdline.rpc.source", "empty source domain")
     target_type = target = None
     if len(tokens) == 4:
         target_type, target = tokens[2], tokens[3]
         if target_type not in _TARGET_TYPES:
-            raise ProtocolError("cmdline.rpc.target_type", "must be 'name' or 'keyword'")
+            raise RemoteProtocolError("cmdline.rpc.target_type", "must be 'name' or 'keyword'")
         if not target:
-            raise ProtocolError("cmdline.rpc.target", "empty")
+            raise RemoteProtocolError("cmdline.rpc.target", "empty")
     return RpcCall(
         descriptor=descriptor,
         service_name=name,

@@ -61,7 +61,7 @@ CONTROL_RING_SIZE = 4096
 DATA_RING_SIZE = 65536
 
 
-class ExitCode(enum.IntEnum):
+class ExitStatus(enum.IntEnum):
     """Exit statuses with a meaning fixed by qrexec."""
 
     OK = 0

@@ -10,39 +10,48 @@ through the target's daemon socket). dom0 glues the two data vchans and never
 parses the bytes. For a dom0 target, the source leg is served by
 ``qubes-rpc-multiplexer`` running the service here.
 
-Everything a connection opens lives in the scope of :meth:`Connector.connect`:
-leaving it (normally, by failure or by cancellation) closes both vchans and
-the daemon sockets and kills the multiplexer's process group.
+Everything a call opens is entered into its :class:`~qrexec_trio.nursery.Connection`:
+when the connection ends (normally, by failure or by cancellation) both
+vchans and the daemon sockets are closed, the multiplexer's process group is
+killed and the DispVM destroyed.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import shutil
-import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Final
 
 import trio
 
 from .._config import Timeouts
+from .._errors import QrexecError
 from .._logging import get_logger
+from .._programs import program
 from ..domains import Domains, disposable
-from ..nursery import FramedLink, GroupLedger, glue, open_service, serve_data
+from ..nursery import (
+    Connection,
+    ConnectionRegistry,
+    FramedLink,
+    GroupLedger,
+    call_id,
+    glue,
+    open_service,
+    serve_data,
+)
 from ..protocol import (
     CLIENT_PROTOCOL_VERSION,
     DATA_RING_SIZE,
     PROTOCOL_VERSION,
     Direction,
-    ExecParams,
-    MsgType,
-    ProtocolError,
+    ExecCmdline,
+    JustExec,
+    PortAssigned,
+    RemoteProtocolError,
     RpcCall,
     ServiceConnect,
-    decode_exec_params,
     negotiate_version,
 )
 from ..services import Identity, ProgramPlan
@@ -54,7 +63,7 @@ log = get_logger(__name__)
 DOM0_NAMES: Final = ("dom0", "@adminvm", "uuid:00000000-0000-0000-0000-000000000000")
 
 
-class ConnectError(Exception):
+class ConnectError(QrexecError):
     """The connection could not be built; the message says why."""
 
 
@@ -62,13 +71,12 @@ class TargetNotRunning(ConnectError):
     """The target's qrexec-daemon is not there."""
 
 
-def program(name: str) -> str:
-    """One of our console scripts, from the same installation as this Python."""
-    return shutil.which(name, path=os.path.dirname(sys.executable)) or name
+#: What a client asks a daemon for.
+DaemonRequest = ExecCmdline | JustExec | ServiceConnect
 
 
 async def request_port(
-    socket_dir: str, target: str, msg_type: MsgType, payload: bytes, timeouts: Timeouts
+    socket_dir: str, target: str, request: DaemonRequest, timeouts: Timeouts
 ) -> tuple[trio.SocketStream, int, int]:
     """Send one request to ``target``'s daemon; returns (socket, domid, port).
 
@@ -91,18 +99,23 @@ async def request_port(
             )
             link.version = version
             await link.send_hello(CLIENT_PROTOCOL_VERSION)
-            await link.send(msg_type, payload)
+            await link.send(request)
             reply = await link.receive()
-        if reply is None:
-            raise ConnectError(f"qrexec-daemon for {target!r} refused the request")
-        if reply.type != msg_type:
-            raise ProtocolError("reply.type", f"expected {msg_type.name}, got {reply.name}")
-        answer = decode_exec_params(reply.payload)
+        match reply:
+            case None:
+                raise ConnectError(f"qrexec-daemon for {target!r} refused the request")
+            case PortAssigned(request_type, domain, port) if request_type == request.msg_type:
+                pass
+            case PortAssigned(request_type):
+                raise RemoteProtocolError(
+                    "reply.type", f"expected {request.msg_type.name}, got {request_type.name}")
+            case _:  # the reader lets nothing else through on this link
+                raise AssertionError(f"unexpected {reply!r}")
     except BaseException:
         with trio.CancelScope(shield=True):
             await stream.aclose()
         raise
-    return stream, answer.connect_domain, answer.connect_port
+    return stream, domain, port
 
 
 #: Answers the source VM's pending request: sends MSG_SERVICE_CONNECT and
@@ -111,19 +124,17 @@ AcceptSource = Callable[[], Awaitable[tuple[int, int]]]
 
 
 def accept_via_daemon_socket(
-    socket_dir: str, source: str, ident: bytes, timeouts: Timeouts, stack: list[trio.SocketStream]
+    socket_dir: str, source: str, ident: bytes, timeouts: Timeouts, conn: Connection
 ) -> AcceptSource:
     """The source leg through the source's daemon socket (qrexec-policy, qrexec-client -c).
 
-    The daemon socket is kept (in ``stack``) until the call ends.
+    The daemon socket is held by ``conn`` until the call ends.
     """
 
     async def accept() -> tuple[int, int]:
         stream, domid, port = await request_port(
-            socket_dir, source, MsgType.SERVICE_CONNECT, ServiceConnect(0, 0, ident).encode(),
-            timeouts,
-        )
-        stack.append(stream)
+            socket_dir, source, ServiceConnect(0, 0, ident), timeouts)
+        await conn.enter(stream)
         return domid, port
 
     return accept
@@ -182,61 +193,66 @@ class Connector:
         self.ledger = ledger
 
     async def connect(
-        self, accept_source: AcceptSource, target: Target, descriptor: str, source: str
+        self, conn: Connection, accept_source: AcceptSource, target: Target, descriptor: str,
+        source: str,
     ) -> int | None:
-        """Build and run the whole call; returns a dom0 service's exit status.
+        """Build and run the whole call in ``conn``; returns a dom0 service's exit status.
 
-        For a VM target the target leg is set up *before* the source is
-        answered, so that a target that cannot be reached is a refusal, not
-        a half-open call.
+        Everything the call opens is entered into ``conn``, so it is released
+        when the connection ends, however it ends. For a VM target the target
+        leg is set up *before* the source is answered, so that a target that
+        cannot be reached is a refusal, not a half-open call.
         """
+        conn.describe(target=target.name, service=descriptor)
         if target.is_dom0:
-            return await self._dom0_service(accept_source, dom0_service_call(
+            return await self._dom0_service(conn, accept_source, dom0_service_call(
                 target, descriptor, source))
         template = target.dispvm_template
         if template is None:
-            await self._vm_to_vm(accept_source, target,
+            await self._vm_to_vm(conn, accept_source, target,
                                  target_cmdline(target, descriptor, source))
             return None
         if self.domains is None:
             raise ConnectError("DispVMs are not available: no domain manager")
-        # The DispVM lives exactly as long as this call: created here, and
-        # destroyed when the scope ends, however it ends.
-        async with disposable(self.domains, template, self.timeouts) as name:
-            dispvm = replace(target, name=name, autostart=False)
-            await self._vm_to_vm(accept_source, dispvm,
-                                 target_cmdline(dispvm, descriptor, source))
+        # The DispVM lives exactly as long as this connection: created here,
+        # destroyed when the connection ends, however it ends.
+        name = await conn.enter(disposable(self.domains, template, self.timeouts))
+        conn.describe(target=name)
+        dispvm = replace(target, name=name, autostart=False)
+        await self._vm_to_vm(conn, accept_source, dispvm,
+                             target_cmdline(dispvm, descriptor, source))
         return None
 
-    async def _open_source(self, accept_source: AcceptSource) -> FramedLink:
+    async def _open_source(self, conn: Connection, accept_source: AcceptSource) -> FramedLink:
         domid, port = await accept_source()
-        vchan = await self.backend.connect(domid, port, timeout=self.timeouts.data_vchan_connect)
+        vchan = await conn.enter(await self.backend.connect(
+            domid, port, timeout=self.timeouts.data_vchan_connect))
         return FramedLink(vchan, Direction.CALLER_TO_SERVICE)
 
-    async def _dom0_service(self, accept_source: AcceptSource, call: RpcCall) -> int:
-        link = await self._open_source(accept_source)
-        async with link.stream:
-            with trio.fail_after(self.timeouts.handshake):
-                # As the reference's dom0 service side: read the VM's HELLO first.
-                peer = await link.receive_hello()
-                link.version = negotiate_version(PROTOCOL_VERSION, peer)
-                await link.send_hello(PROTOCOL_VERSION)
-            argv = [program("qubes-rpc-multiplexer"), call.descriptor, call.source]
-            if call.target_type is not None and call.target is not None:
-                argv += [call.target_type, call.target]
-            plan = ProgramPlan(argv, dict(os.environ), Identity(name="dom0"),
-                               what=call.descriptor)
-            async with open_service(plan, self.timeouts, self.ledger) as end:
-                status = await serve_data(link, end)
+    async def _dom0_service(self, conn: Connection, accept_source: AcceptSource,
+                            call: RpcCall) -> int:
+        link = await self._open_source(conn, accept_source)
+        with trio.fail_after(self.timeouts.handshake):
+            # As the reference's dom0 service side: read the VM's HELLO first.
+            peer = await link.receive_hello()
+            link.version = negotiate_version(PROTOCOL_VERSION, peer)
+            await link.send_hello(PROTOCOL_VERSION)
+        argv = [program("qubes-rpc-multiplexer"), call.descriptor, call.source]
+        if call.target_type is not None and call.target is not None:
+            argv += [call.target_type, call.target]
+        plan = ProgramPlan(argv, dict(os.environ, QREXEC_CALL_ID=conn.id), Identity(name="dom0"),
+                           what=call.descriptor)
+        end = await conn.enter(open_service(plan, self.timeouts, self.ledger))
+        conn.running()
+        status = await serve_data(link, end, conn.metered())
         log.info("dom0 service finished", service=call.descriptor, status=status)
         return status
 
     async def _request_target(self, target: Target,
                               cmdline: bytes) -> tuple[trio.SocketStream, int, int]:
-        request = ExecParams(0, 0, cmdline).encode()
+        request = ExecCmdline(0, 0, cmdline)
         try:
-            return await request_port(self.socket_dir, target.name, MsgType.EXEC_CMDLINE,
-                                      request, self.timeouts)
+            return await request_port(self.socket_dir, target.name, request, self.timeouts)
         except TargetNotRunning:
             domains = self.domains
             if not target.autostart or domains is None:
@@ -244,35 +260,53 @@ class Connector:
         log.info("starting the target", target=target.name)
         with trio.fail_after(self.timeouts.domain_start):
             await domains.start(target.name)
-        return await request_port(self.socket_dir, target.name, MsgType.EXEC_CMDLINE,
-                                  request, self.timeouts)
+        return await request_port(self.socket_dir, target.name, request, self.timeouts)
 
-    @asynccontextmanager
-    async def _target_leg(self, target: Target, cmdline: bytes) -> AsyncIterator[Vchan]:
+    async def _target_leg(self, conn: Connection, target: Target, cmdline: bytes) -> Vchan:
         stream, domid, port = await self._request_target(target, cmdline)
-        async with stream:
-            listener = self.backend.listen(domid, port, read_min=DATA_RING_SIZE,
-                                           write_min=DATA_RING_SIZE)
-            async with listener:
-                vchan = await listener.accept(self.timeouts.data_vchan_accept)
-            async with vchan:
-                yield vchan
+        # The target's daemon socket is held for the whole call: its daemon
+        # closes it when the target's agent reports the connection done.
+        await conn.enter(stream)
+        vchan = await conn.enter(await self.backend.serve_one(
+            domid, port, timeout=self.timeouts.data_vchan_accept, read_min=DATA_RING_SIZE,
+            write_min=DATA_RING_SIZE))
+        log.info("target leg open", target=target.name, target_call=call_id(domid, port))
+        return vchan
 
-    async def _vm_to_vm(self, accept_source: AcceptSource, target: Target,
+    async def _vm_to_vm(self, conn: Connection, accept_source: AcceptSource, target: Target,
                         cmdline: bytes) -> None:
-        async with self._target_leg(target, cmdline) as target_vchan:
-            source = await self._open_source(accept_source)
-            async with source.stream:
-                target_link = FramedLink(target_vchan, Direction.SERVICE_TO_CALLER)
-                with trio.fail_after(self.timeouts.handshake):
-                    # dom0 ends both legs: read both HELLOs, then offer each leg the
-                    # lower version, so both agree on one chunk limit.
-                    source_version = await source.receive_hello()
-                    target_version = await target_link.receive_hello()
-                    version = min(PROTOCOL_VERSION, source_version, target_version)
-                    negotiate_version(PROTOCOL_VERSION, version)
-                    await source.send_hello(version)
-                    await target_link.send_hello(version)
-                log.info("glued", target=target.name, version=version)
-                await glue(source.stream, target_vchan, first_pending=source.take_buffered(),
-                           second_pending=target_link.take_buffered())
+        target_vchan = await self._target_leg(conn, target, cmdline)
+        source = await self._open_source(conn, accept_source)
+        target_link = FramedLink(target_vchan, Direction.SERVICE_TO_CALLER)
+        with trio.fail_after(self.timeouts.handshake):
+            # dom0 ends both legs: read both HELLOs, then offer each leg the
+            # lower version, so both agree on one chunk limit.
+            source_version = await source.receive_hello()
+            target_version = await target_link.receive_hello()
+            version = min(PROTOCOL_VERSION, source_version, target_version)
+            negotiate_version(PROTOCOL_VERSION, version)
+            await source.send_hello(version)
+            await target_link.send_hello(version)
+        log.info("glued", target=target.name, version=version)
+        conn.running()
+        await glue(source.stream, target_vchan, first_pending=source.take_buffered(),
+                   second_pending=target_link.take_buffered(), meter=conn.metered())
+
+
+async def connect_pending(
+    backend: VchanBackend, timeouts: Timeouts, socket_dir: str, *, source: str,
+    source_domain: int | str, ident: bytes, target: Target, descriptor: str,
+) -> int | None:
+    """Connect a VM's pending request from outside its daemon (R2 policy, ``qrexec-client -c``).
+
+    The source leg goes through the source's daemon socket; the call is one
+    connection of this (short-lived) program.
+    """
+    registry = ConnectionRegistry(cleanup_timeout=timeouts.cleanup)
+    status = None
+    async with registry.open(call_id(source_domain, ident), kind="vm-request", source=source,
+                             target=target.name, service=descriptor) as conn:
+        accept = accept_via_daemon_socket(socket_dir, source, ident, timeouts, conn)
+        status = await Connector(backend, timeouts, socket_dir).connect(
+            conn, accept, target, descriptor, source)
+    return status

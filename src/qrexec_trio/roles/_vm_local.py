@@ -1,7 +1,9 @@
 """The local protocol between ``qrexec-client-vm`` and ``qrexec-agent`` inside one VM.
 
-Sans-IO: paths, byte layouts and a status-channel reader, shared by both
-programs so that the two ends cannot drift apart.
+Sans-IO: paths and byte layouts, shared by both programs so that the two ends
+cannot drift apart. The status channel's messages are protocol events, read
+with ``MessageReader(Direction.AGENT_TO_CLIENT_VM)``, which enforces its
+grammar.
 
 **Paths.** Today's trigger socket lives at ``PATH`` (``--agent-socket``,
 default ``<runtime-dir>/qrexec-agent``). R2 put its trigger FIFO at that very
@@ -45,19 +47,9 @@ from __future__ import annotations
 import os
 import re
 import struct
-from typing import Final, final
+from typing import Final
 
-from ..protocol import (
-    HEADER_SIZE,
-    Message,
-    MsgType,
-    ProtocolError,
-    decode_header,
-    encode_exit_code,
-    encode_ident,
-    encode_message,
-    max_data_chunk,
-)
+from ..protocol import LocalProtocolError, RemoteProtocolError
 
 DEFAULT_RUNTIME_DIR: Final = "/var/run/qubes"
 DEFAULT_SOCKET_NAME: Final = "qrexec-agent"
@@ -82,19 +74,23 @@ def fifo_path(agent_socket: str) -> str:
     return f"{agent_socket}-fifo"
 
 
+def control_path(agent_socket: str) -> str:
+    return f"{agent_socket}-control"
+
+
 # -- FIFO record ------------------------------------------------------------------
 
 
 def encode_fifo_record(service: bytes, target: bytes, cid: bytes) -> bytes:
-    """The 128-byte trigger record; raises :class:`ProtocolError` if a field does not fit."""
+    """The 128-byte trigger record; raises :class:`LocalProtocolError` if a field does not fit."""
     fields = dict(zip(("service", "target", "cid"), (service, target, cid), strict=True))
     record = b""
     for name, start, end in _FIFO_FIELDS:
         value = fields[name]
         if b"\0" in value:
-            raise ProtocolError(f"fifo.{name}", "contains a NUL byte")
+            raise LocalProtocolError(f"fifo.{name}", "contains a NUL byte")
         if len(value) >= end - start:
-            raise ProtocolError(f"fifo.{name}", f"longer than {end - start - 1} bytes")
+            raise LocalProtocolError(f"fifo.{name}", f"longer than {end - start - 1} bytes")
         record += value.ljust(end - start, b"\0")
     return record
 
@@ -102,15 +98,17 @@ def encode_fifo_record(service: bytes, target: bytes, cid: bytes) -> bytes:
 def decode_fifo_record(raw: bytes) -> tuple[bytes, bytes, bytes]:
     """(service, target, cid) of a record; the fields' contents are checked by the caller."""
     if len(raw) != FIFO_RECORD_SIZE:
-        raise ProtocolError("fifo", f"record must be {FIFO_RECORD_SIZE} bytes, got {len(raw)}")
+        raise RemoteProtocolError("fifo",
+            f"record must be {FIFO_RECORD_SIZE} bytes, got {len(raw)}")
     values = []
     for name, start, end in _FIFO_FIELDS:
         field = raw[start:end]
         nul = field.find(b"\0")
         if nul < 0:
-            raise ProtocolError(f"fifo.{name}", "not NUL-terminated")
+            raise RemoteProtocolError(f"fifo.{name}", "not NUL-terminated")
         if field[nul:].count(0) != len(field) - nul:
-            raise ProtocolError(f"fifo.{name}", "bytes after the terminating NUL are not NUL")
+            raise RemoteProtocolError(f"fifo.{name}",
+                "bytes after the terminating NUL are not NUL")
         values.append(field[:nul])
     return values[0], values[1], values[2]
 
@@ -126,71 +124,11 @@ def parse_cid(text: bytes) -> tuple[int, int, int]:
     """Three distinct fd numbers, in their one canonical spelling, short enough to be
     the request's ident."""
     if len(text) >= _IDENT_SIZE:
-        raise ProtocolError("cid", f"longer than {_IDENT_SIZE - 1} bytes")
+        raise RemoteProtocolError("cid", f"longer than {_IDENT_SIZE - 1} bytes")
     match = _CID.fullmatch(text)
     if match is None:
-        raise ProtocolError("cid", "not three decimal numbers separated by single spaces")
+        raise RemoteProtocolError("cid", "not three decimal numbers separated by single spaces")
     fds = (int(match[1]), int(match[2]), int(match[3]))
     if len(set(fds)) != 3:
-        raise ProtocolError("cid", "the three numbers are not distinct")
+        raise RemoteProtocolError("cid", "the three numbers are not distinct")
     return fds
-
-
-# -- status channel ------------------------------------------------------------------
-
-_STATUS_BOUNDS: Final[dict[int, tuple[int, int]]] = {
-    MsgType.DATA_STDERR: (1, max_data_chunk(4)),
-    MsgType.DATA_EXIT_CODE: (4, 4),
-    MsgType.SERVICE_REFUSED: (32, 32),
-}
-
-
-def encode_status_stderr(data: bytes) -> bytes:
-    return encode_message(MsgType.DATA_STDERR, data)
-
-
-def encode_status_exit(status: int) -> bytes:
-    return encode_message(MsgType.DATA_EXIT_CODE, encode_exit_code(status))
-
-
-def encode_status_refused(ident: bytes) -> bytes:
-    return encode_message(MsgType.SERVICE_REFUSED, encode_ident(ident))
-
-
-@final
-class StatusReader:
-    """The client's parser of the status channel: feed bytes, take messages.
-
-    It enforces the grammar above: stderr chunks, then one final message,
-    then nothing.
-    """
-
-    def __init__(self) -> None:
-        self._buffer = bytearray()
-        self._final_seen = False
-
-    def feed(self, data: bytes | bytearray) -> None:
-        self._buffer += data
-
-    def next_message(self) -> Message | None:
-        if len(self._buffer) < HEADER_SIZE:
-            return None
-        msg_type, length = decode_header(self._buffer[:HEADER_SIZE])
-        if self._final_seen:
-            raise ProtocolError("status", "a message after the final one")
-        bounds = _STATUS_BOUNDS.get(msg_type)
-        if bounds is None:
-            raise ProtocolError("status.type", f"0x{msg_type:x} is not a status message")
-        if not bounds[0] <= length <= bounds[1]:
-            raise ProtocolError("status.len", f"{length} outside {bounds[0]}..{bounds[1]}")
-        if len(self._buffer) < HEADER_SIZE + length:
-            return None
-        payload = bytes(self._buffer[HEADER_SIZE : HEADER_SIZE + length])
-        del self._buffer[: HEADER_SIZE + length]
-        self._final_seen = msg_type != MsgType.DATA_STDERR
-        return Message(msg_type, payload)
-
-    @property
-    def in_message(self) -> bool:
-        """Bytes of an unfinished message are buffered (an EOF now cut it short)."""
-        return bool(self._buffer)

@@ -40,7 +40,7 @@ import os
 import socket
 import stat
 import struct
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Final, Generic, Protocol, TypeVar, final
 
@@ -48,28 +48,40 @@ import structlog
 import trio
 
 from .._config import Timeouts
+from .._errors import QrexecError
 from .._logging import get_logger
-from ..nursery import CallerEnd, EofWatch, FramedLink, call_data, one_error
+from .._sockets import listening_socket, remove_stale, serve_socket, unlink_if_same
+from ..nursery import (
+    CallerEnd,
+    Connection,
+    ConnectionRegistry,
+    EofWatch,
+    FramedLink,
+    call_data,
+    call_id,
+    one_error,
+    open_caller_link,
+)
 from ..protocol import (
-    DATA_RING_SIZE,
     MAX_DATA_PORTS,
-    PROTOCOL_VERSION,
+    ConnectionTerminated,
+    Data,
     Direction,
-    ExecParams,
-    MsgType,
+    Event,
+    ExitCode,
     ProtocolError,
     ServiceConnect,
-    TriggerRequest,
-    decode_trigger,
+    ServiceRefused,
+    Stream,
+    TriggerAnswer,
+    TriggerService,
 )
 from ..xen import VchanBackend, VchanError
 from ._vm_local import (
     FD_NUMBER,
     FIFO_RECORD_SIZE,
+    control_path,
     decode_fifo_record,
-    encode_status_exit,
-    encode_status_refused,
-    encode_status_stderr,
     fdpass_path,
     fifo_path,
     parse_cid,
@@ -80,12 +92,10 @@ log = get_logger(__name__)
 #: Sockets handed out on the fdpass socket and not yet claimed: a local user
 #: could otherwise exhaust the agent's fds by connecting and never claiming.
 MAX_UNCLAIMED: Final = 3 * MAX_DATA_PORTS
-_LISTEN_BACKLOG: Final = 64
-_TRIGGER_IDENT: Final = slice(128, 160)  # request_id in trigger_service_params4
 _PEERCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
-class SetupError(Exception):
+class SetupError(QrexecError):
     """A socket or the FIFO could not be created; the message says which and why."""
 
 
@@ -100,7 +110,7 @@ class ControlLink(Protocol):
     def control_version(self) -> int | None:
         """The negotiated version, or ``None`` while dom0 is not connected."""
 
-    async def send_control(self, msg_type: MsgType, payload: bytes) -> bool:
+    async def send_control(self, event: Event) -> bool:
         """Send one message to dom0; ``False`` if there is no link to send it on."""
 
 
@@ -109,10 +119,13 @@ class RequestPaths:
     trigger: str
     fdpass: str
     fifo: str
+    #: The agent's control socket (its live connections; see ``nursery._control``).
+    control: str
 
     @classmethod
     def beside(cls, agent_socket: str) -> RequestPaths:
-        return cls(agent_socket, fdpass_path(agent_socket), fifo_path(agent_socket))
+        return cls(agent_socket, fdpass_path(agent_socket), fifo_path(agent_socket),
+                   control_path(agent_socket))
 
 
 # -- the fdpass sockets' claim table -----------------------------------------------
@@ -217,7 +230,7 @@ class _StatusStderr(trio.abc.SendStream):
         self._status = status
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._status.send_all(encode_status_stderr(bytes(data)))
+        await self._status.send_all(Data(Stream.STDERR, bytes(data)).encode())
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._status.wait_send_all_might_not_block()
@@ -265,18 +278,21 @@ class VmRequests:
         paths: RequestPaths,
         *,
         timeouts: Timeouts,
+        registry: ConnectionRegistry,
     ) -> None:
         self.backend = backend
         self.control = control
         self.paths = paths
         self.timeouts = timeouts
+        #: This VM's own calls are connections of the agent, beside its services.
+        self.registry = registry
         self._requests: dict[bytes, _Pending] = {}
         self._unclaimed: ClaimTable[trio.SocketStream] = ClaimTable()
 
     # -- answers from dom0 (called by the agent's control loop) ----------------
 
     def connect(self, connect: ServiceConnect) -> None:
-        self._answer(connect.ident, connect, "SERVICE_CONNECT")
+        self._answer(connect.request_id, connect, "SERVICE_CONNECT")
 
     def refuse(self, ident: bytes) -> None:
         self._answer(ident, None, "SERVICE_REFUSED")
@@ -308,36 +324,20 @@ class VmRequests:
             fdpass = _listening_socket(self.paths.fdpass, cleanup)
             fifo = _open_fifo(self.paths.fifo, cleanup)
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._accept, trigger, self._trigger_connection, nursery)
-                nursery.start_soon(self._accept, fdpass, self._hand_out, nursery)
+                nursery.start_soon(serve_socket, trigger, self._trigger_connection, nursery)
+                nursery.start_soon(serve_socket, fdpass, self._hand_out, nursery)
                 nursery.start_soon(self._read_fifo, fifo, nursery)
                 log.info("accepting requests", trigger=self.paths.trigger,
                          fdpass=self.paths.fdpass, fifo=self.paths.fifo)
                 task_status.started()
 
-    async def _accept(
-        self,
-        listener: trio.socket.SocketType,
-        handler: Callable[[trio.SocketStream], Awaitable[None]],
-        nursery: trio.Nursery,
-    ) -> None:
-        while True:
-            try:
-                sock, _ = await listener.accept()
-            except OSError as exc:
-                # Out of fds, most likely: back off instead of spinning.
-                log.error("cannot accept a request connection", error=str(exc))
-                await trio.sleep(self.timeouts.reconnect_backoff)
-                continue
-            nursery.start_soon(handler, trio.SocketStream(sock))
-
     # -- asking dom0 ------------------------------------------------------------
 
-    async def _ask_dom0(self, request: TriggerRequest) -> ServiceConnect | None:
+    async def _ask_dom0(self, request: TriggerService) -> ServiceConnect | None:
         """Forward a validated request; dom0's MSG_SERVICE_CONNECT, or ``None`` if refused."""
         ident = request.request_id
-        message = self._trigger_for_dom0(request)
-        if message is None:
+        trigger = self._trigger_for_dom0(request)
+        if trigger is None:
             return None
         if ident in self._requests:
             # Live idents name open fds, so this is a bug, not an attack; but
@@ -346,7 +346,7 @@ class VmRequests:
             return None
         pending = self._requests[ident] = _Pending()
         try:
-            if not await self.control.send_control(*message):
+            if not await self.control.send_control(trigger):
                 log.warning("request refused: dom0 is not connected")
                 return None
             log.info("request forwarded")
@@ -361,7 +361,7 @@ class VmRequests:
         finally:
             del self._requests[ident]
 
-    def _trigger_for_dom0(self, request: TriggerRequest) -> tuple[MsgType, bytes] | None:
+    def _trigger_for_dom0(self, request: TriggerService) -> TriggerService | None:
         """The trigger message the connected daemon understands (TRIGGER4, 3 or 2)."""
         version = self.control.control_version
         if version is None:
@@ -373,20 +373,19 @@ class VmRequests:
             log.warning("request refused: the daemon's protocol cannot carry a source qube",
                         version=version)
             return None
-        message = dataclasses.replace(request, version=version)
+        trigger = dataclasses.replace(request, version=version)
         try:
-            return message.msg_type, message.encode()
+            trigger.encode()
         except ProtocolError as exc:
             log.warning("request refused: it does not fit the daemon's protocol",
                         version=version, error=str(exc))
             return None
+        return trigger
 
     async def _terminated(self, connect: ServiceConnect) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(self.timeouts.cleanup):
             await self.control.send_control(
-                MsgType.CONNECTION_TERMINATED,
-                ExecParams(connect.connect_domain, connect.connect_port).encode(),
-            )
+                ConnectionTerminated(connect.connect_domain, connect.connect_port))
 
     # -- today's trigger socket -------------------------------------------------
 
@@ -396,13 +395,18 @@ class VmRequests:
             structlog.contextvars.bound_contextvars(request=ident.decode()),
             _contained("trigger-socket request"),
         ):
-            async with stream:
-                await self._trigger_request(stream, ident)
+            async with stream, self.registry.open(
+                call_id(self.backend.own_domain, ident), kind="call",
+                source=f"domain {self.backend.own_domain}",
+            ) as conn:
+                await self._trigger_request(conn, stream, ident)
 
-    async def _trigger_request(self, stream: trio.SocketStream, ident: bytes) -> None:
+    async def _trigger_request(self, conn: Connection, stream: trio.SocketStream,
+                               ident: bytes) -> None:
         request = await self._read_trigger(stream, ident)
         if request is None:
             return
+        conn.describe(target=request.target.decode(), service=request.service_name.decode())
         with structlog.contextvars.bound_contextvars(
             service=request.service_name.decode(), target=request.target.decode()
         ):
@@ -410,28 +414,26 @@ class VmRequests:
             if connect is None:
                 return  # closing the socket is today's refusal
             try:
+                conn.running()
                 await self._connect_trigger_client(stream, connect)
             finally:
                 await self._terminated(connect)
 
     async def _read_trigger(
         self, stream: trio.SocketStream, ident: bytes
-    ) -> TriggerRequest | None:
+    ) -> TriggerService | None:
         """The client's one MSG_TRIGGER_SERVICE4, renamed to ``ident`` and validated."""
         link = FramedLink(stream, Direction.CLIENT_VM_TO_AGENT)
         try:
             with trio.fail_after(self.timeouts.client_request):
-                message = await link.receive()
-            if message is None:
+                request = await link.receive()
+            if request is None:
                 log.info("trigger client closed before its request")
                 return None
-            # Today's agent overwrites the id in place and leaves the rest of the
-            # field as sent; validating the result keeps junk from reaching dom0.
-            raw = message.payload
-            field_ = raw[_TRIGGER_IDENT]
-            named = ident + b"\0" + field_[len(ident) + 1 :]
-            return decode_trigger(message.type, raw[: _TRIGGER_IDENT.start] + named
-                                  + raw[_TRIGGER_IDENT.stop :])
+            # The reader lets only a TRIGGER_SERVICE4 through on this link; the
+            # client's request-id field is never used: the request gets ours.
+            assert isinstance(request, TriggerService)
+            return dataclasses.replace(request, request_id=ident)
         except ProtocolError as exc:
             log.warning("invalid trigger refused", error=str(exc))
         except trio.TooSlowError:
@@ -445,7 +447,7 @@ class VmRequests:
         self, stream: trio.SocketStream, connect: ServiceConnect
     ) -> None:
         """Tell the client where to serve the data vchan; wait until it is done."""
-        reply = ExecParams(connect.connect_domain, connect.connect_port).encode()
+        reply = TriggerAnswer(connect.connect_domain, connect.connect_port).encode()
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             with trio.move_on_after(self.timeouts.handshake):
                 await stream.send_all(reply)
@@ -517,51 +519,57 @@ class VmRequests:
                 return
             sockets = _ClientSockets(streams, self.timeouts)
             try:
-                request = TriggerRequest(4, b"", target, cid, service)
-                decode_trigger(request.msg_type, request.encode())  # dom0's rules, checked here
+                request = TriggerService(4, b"", target, cid, service)
+                request.encode()  # dom0's rules, checked here
             except ProtocolError as exc:
                 log.warning("R2 request refused: invalid", error=str(exc))
                 request = None
             nursery.start_soon(self._r2_request, cid, request, sockets)
 
     async def _r2_request(
-        self, cid: bytes, request: TriggerRequest | None, sockets: _ClientSockets
+        self, cid: bytes, request: TriggerService | None, sockets: _ClientSockets
     ) -> None:
+        own = self.backend.own_domain
         with _contained("R2 request"):
-            await self._r2_call(cid, request, sockets)
+            async with self.registry.open(
+                call_id(own, cid), kind="call", source=f"domain {own}",
+                target=request.target.decode() if request else "",
+                service=request.service_name.decode() if request else "",
+            ) as conn:
+                await self._r2_call(conn, cid, request, sockets)
 
     async def _r2_call(
-        self, cid: bytes, request: TriggerRequest | None, sockets: _ClientSockets
+        self, conn: Connection, cid: bytes, request: TriggerService | None,
+        sockets: _ClientSockets,
     ) -> None:
         try:
             connect = await self._ask_dom0(request) if request is not None else None
             if connect is None:
-                await sockets.send_status(encode_status_refused(cid))
+                await sockets.send_status(ServiceRefused(cid).encode())
                 return
             try:
-                status = await self._serve_r2_call(connect, sockets)
+                status = await self._serve_r2_call(conn, connect, sockets)
                 if status is not None:
-                    await sockets.send_status(encode_status_exit(status))
+                    await sockets.send_status(ExitCode(status).encode())
             finally:
                 await self._terminated(connect)
         finally:
             await sockets.aclose()
 
-    async def _serve_r2_call(self, connect: ServiceConnect, sockets: _ClientSockets) -> int | None:
+    async def _serve_r2_call(self, conn: Connection, connect: ServiceConnect,
+                             sockets: _ClientSockets) -> int | None:
         """Serve the data vchan as the caller; the remote status (-1: the vchan died),
         or ``None`` if the client went away first."""
         domain, port = connect.connect_domain, connect.connect_port
         try:
             with one_error():
-                async with self.backend.listen(domain, port, read_min=DATA_RING_SIZE,
-                                               write_min=DATA_RING_SIZE) as listener:
-                    vchan = await listener.accept(self.timeouts.data_vchan_connect)
-                async with vchan:
-                    link = FramedLink(vchan, Direction.SERVICE_TO_CALLER)
-                    with trio.fail_after(self.timeouts.handshake):
-                        await link.exchange_hello(PROTOCOL_VERSION, send_first=True)
-                    log.info("call connected", domain=domain, port=port)
-                    status = await self._relay(link, sockets)
+                link = await open_caller_link(
+                    self.backend, domain, port, accept_timeout=self.timeouts.data_vchan_connect,
+                    handshake_timeout=self.timeouts.handshake)
+                await conn.enter(link.stream)
+                log.info("call connected", domain=domain, port=port)
+                conn.running()
+                status = await self._relay(link, sockets, conn)
         except (VchanError, ProtocolError, trio.TooSlowError, trio.BrokenResourceError,
                 trio.ClosedResourceError) as exc:
             log.warning("data vchan failed", error=str(exc) or type(exc).__name__)
@@ -569,7 +577,8 @@ class VmRequests:
         log.info("call finished", status=status)
         return status
 
-    async def _relay(self, link: FramedLink, sockets: _ClientSockets) -> int | None:
+    async def _relay(self, link: FramedLink, sockets: _ClientSockets,
+                     conn: Connection) -> int | None:
         source = EofWatch(sockets.stdout)  # socket 1: the program's output
         end = CallerEnd(input=source, output=sockets.stdin, errors=_StatusStderr(sockets.status),
                         close_output=sockets.end_stdin)
@@ -577,7 +586,8 @@ class VmRequests:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._end_when_client_leaves, sockets, source.at_eof,
                                nursery.cancel_scope)
-            status = await call_data(link, end, finish_timeout=self.timeouts.send_finish)
+            status = await call_data(link, end, finish_timeout=self.timeouts.send_finish,
+                                     meter=conn.metered())
             nursery.cancel_scope.cancel()
         return status
 
@@ -609,48 +619,21 @@ def _peer_credentials(sock: trio.socket.SocketType) -> tuple[int, int, int]:
     return int(pid), int(uid), int(gid)
 
 
-def _remove_stale(path: str, is_kind: Callable[[int], bool]) -> None:
-    """Remove a leftover of a previous agent; never anything of another kind."""
-    try:
-        if is_kind(os.lstat(path).st_mode):
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _unlink_if_same(path: str, inode: int) -> None:
-    with contextlib.suppress(OSError):
-        if os.lstat(path).st_ino == inode:
-            os.unlink(path)
-
-
 def _listening_socket(path: str, cleanup: contextlib.ExitStack) -> trio.socket.SocketType:
-    """A world-connectable unix socket at ``path``; closed and unlinked by ``cleanup``.
-
-    Bound synchronously (a unix path needs no resolution), so it is in place
-    before we report ready.
-    """
-    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock = trio.socket.from_stdlib_socket(raw)
-    cleanup.callback(sock.close)
+    """A world-connectable unix socket at ``path``; closed and unlinked by ``cleanup``."""
     try:
-        _remove_stale(path, stat.S_ISSOCK)
-        raw.bind(path)
-        cleanup.callback(_unlink_if_same, path, os.lstat(path).st_ino)
-        os.chmod(path, 0o666)
-        raw.listen(_LISTEN_BACKLOG)
+        return cleanup.enter_context(listening_socket(path, mode=0o666))
     except OSError as exc:
         raise SetupError(f"cannot create socket {path}: {exc.strerror or exc}") from exc
-    return sock
 
 
 def _open_fifo(path: str, cleanup: contextlib.ExitStack) -> int:
     """The trigger FIFO (mode 0666), open for reading; closed and unlinked by ``cleanup``."""
     try:
-        _remove_stale(path, stat.S_ISFIFO)
+        remove_stale(path, stat.S_ISFIFO)
         os.mkfifo(path, 0o666)
         inode = os.lstat(path).st_ino
-        cleanup.callback(_unlink_if_same, path, inode)
+        cleanup.callback(unlink_if_same, path, inode)
         os.chmod(path, 0o666)  # mkfifo honours the umask
         flags = os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW
         read_fd = os.open(path, os.O_RDONLY | flags)

@@ -18,6 +18,7 @@ for why the FIFO sits beside today's socket rather than at its path).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from collections.abc import Sequence
@@ -26,14 +27,20 @@ import structlog
 import trio
 
 from .._config import Timeouts
+from .._errors import QrexecError
 from .._logging import get_logger
 from .._systemd import sd_notify
+from ..domains import serve_admin
 from ..nursery import (
+    Connection,
+    ConnectionRegistry,
     FramedLink,
     GroupLedger,
     PeerGone,
+    call_id,
     one_error,
     open_service,
+    registry_methods,
     send_spawn_failure,
     serve_data,
     spawn_detached,
@@ -42,21 +49,23 @@ from ..protocol import (
     CONTROL_RING_SIZE,
     PROTOCOL_VERSION,
     VCHAN_BASE_PORT,
+    ConnectionTerminated,
     Direction,
-    ExecParams,
+    Event,
+    ExecCmdline,
     ExitCode,
-    Message,
-    MsgType,
+    ExitStatus,
+    JustExec,
     ProtocolError,
-    decode_exec_request,
-    decode_service_connect,
-    decode_service_refused,
-    encode_exit_code,
+    RpcCall,
+    ServiceConnect,
+    ServiceRefused,
+    UndecodableMessage,
     negotiate_version,
     parse_cmdline,
 )
-from ..services import LaunchError, Plan, ProgramPlan, Runner, service_path
-from ..xen import VchanBackend, VchanError, get_backend
+from ..services import LaunchError, Plan, ProgramPlan, Runner, service_path, with_call_id
+from ..xen import VchanBackend, get_backend
 from ._cli import add_logging_options, run_long_lived, setup_logging
 from ._vm_local import DEFAULT_RUNTIME_DIR, DEFAULT_SOCKET_NAME
 from ._vm_requests import RequestPaths, SetupError, VmRequests
@@ -84,8 +93,11 @@ class Agent:
         # restarted after a SIGKILL can end what its predecessor left running.
         self.ledger = GroupLedger(os.path.join(runtime_dir, "qrexec-agent.groups"))
         socket_path = agent_socket or os.path.join(runtime_dir, DEFAULT_SOCKET_NAME)
-        self.requests = VmRequests(backend, self, RequestPaths.beside(socket_path),
-                                   timeouts=timeouts)
+        #: Live connections: services running for dom0, and this VM's own calls.
+        self.registry = ConnectionRegistry(cleanup_timeout=timeouts.cleanup)
+        self.paths = RequestPaths.beside(socket_path)
+        self.requests = VmRequests(backend, self, self.paths, timeouts=timeouts,
+                                   registry=self.registry)
 
     @property
     def control_version(self) -> int | None:
@@ -109,6 +121,10 @@ class Agent:
             # Local programs may connect as soon as the files exist; their
             # requests are refused until dom0 is there.
             await connections.start(self.requests.serve)
+            await connections.start(functools.partial(
+                serve_admin, None, self.paths.control,
+                request_timeout=self.timeouts.client_request,
+                methods=registry_methods(self.registry, "qrexec-agent")))
             while True:
                 await self._serve_control_link(connections, task_status)
 
@@ -133,8 +149,18 @@ class Agent:
                 self._ready_sent = True
                 sd_notify("READY=1")
                 task_status.started()
-            while (message := await link.receive()) is not None:
-                self._dispatch(connections, message)
+            while True:
+                try:
+                    event = await link.receive()
+                except UndecodableMessage as exc:
+                    # In step, but unreadable: an answer naming no request we
+                    # could match, or a request we cannot run. dom0 is not
+                    # hostile, but one bad message must not cost every call.
+                    log.warning("unreadable message from dom0; ignored", error=str(exc))
+                    continue
+                if event is None:
+                    break
+                self._dispatch(connections, event)
             log.info("dom0 closed the control vchan; offering it again")
         except (ProtocolError, trio.TooSlowError, trio.BrokenResourceError) as exc:
             log.error("control link dropped", error=str(exc))
@@ -144,97 +170,97 @@ class Agent:
             with trio.CancelScope(shield=True):
                 await link.aclose()
 
-    def _dispatch(self, connections: trio.Nursery, message: Message) -> None:
-        if message.type in (MsgType.EXEC_CMDLINE, MsgType.JUST_EXEC):
-            params = decode_exec_request(message.payload)
-            connections.start_soon(self._connection, connections, message.type, params)
-        elif message.type in (MsgType.SERVICE_CONNECT, MsgType.SERVICE_REFUSED):
-            # An answer names a request by ident; one we cannot even read
-            # matches none, and must not cost the other calls their link.
-            try:
-                if message.type == MsgType.SERVICE_CONNECT:
-                    self.requests.connect(decode_service_connect(message.payload))
-                else:
-                    self.requests.refuse(decode_service_refused(message.payload))
-            except ProtocolError as exc:
-                log.warning("unreadable answer from dom0; ignored", type=message.name,
-                            error=str(exc))
+    def _dispatch(self, connections: trio.Nursery, event: Event) -> None:
+        match event:
+            case ExecCmdline() | JustExec():
+                connections.start_soon(self._connection, connections, event)
+            case ServiceConnect():
+                self.requests.connect(event)
+            case ServiceRefused(request_id):
+                self.requests.refuse(request_id)
+            case _:  # the reader lets nothing else through on this link
+                raise AssertionError(f"unexpected {event!r}")
 
-    async def send_control(self, msg_type: MsgType, payload: bytes) -> bool:
+    async def send_control(self, event: Event) -> bool:
         """Send to dom0; ``False`` (logged) if there is no control link to send on."""
         link = self._control
         if link is None:
-            log.warning("no control link; dropping message", type=msg_type.name)
+            log.warning("no control link; dropping message", type=event.msg_type.name)
             return False
         try:
-            await link.send(msg_type, payload)
+            await link.send(event)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            log.warning("control link gone; dropping message", type=msg_type.name)
+            log.warning("control link gone; dropping message", type=event.msg_type.name)
             return False
         return True
 
     async def _connection(
-        self, background: trio.Nursery, msg_type: int, params: ExecParams
+        self, background: trio.Nursery, params: ExecCmdline | JustExec
     ) -> None:
-        just_exec = msg_type == MsgType.JUST_EXEC
+        just_exec = isinstance(params, JustExec)
         with structlog.contextvars.bound_contextvars(
-            conn=f"{params.connect_domain}:{params.connect_port}",
-            domain=params.connect_domain,
-            port=params.connect_port,
+            domain=params.connect_domain, port=params.connect_port,
         ):
             try:
-                await self._run_connection(background, params, just_exec=just_exec)
+                async with self.registry.open(
+                    call_id(self.backend.own_domain, params.connect_port), kind="service",
+                    source=f"domain {params.connect_domain}",
+                    target=f"domain {self.backend.own_domain}",
+                ) as conn:
+                    await self._run_connection(conn, background, params, just_exec=just_exec)
+                if conn.cancelled:
+                    log.info("connection cancelled")
             except PeerGone as exc:
                 log.warning("caller went away; service stopped", reason=str(exc))
-            except (VchanError, ProtocolError, trio.TooSlowError) as exc:
-                log.error("connection failed", error=str(exc))
+            except (QrexecError, trio.TooSlowError) as exc:
+                log.error("connection failed", error=str(exc) or type(exc).__name__)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 log.warning("data vchan broke", error=str(exc) or type(exc).__name__)
             finally:
                 with trio.CancelScope(shield=True):
                     await self.send_control(
-                        MsgType.CONNECTION_TERMINATED,
-                        ExecParams(params.connect_domain, params.connect_port).encode(),
-                    )
+                        ConnectionTerminated(params.connect_domain, params.connect_port))
 
     async def _run_connection(
-        self, background: trio.Nursery, params: ExecParams, *, just_exec: bool
+        self, conn: Connection, background: trio.Nursery, params: ExecCmdline | JustExec, *,
+        just_exec: bool,
     ) -> None:
-        assert params.cmdline is not None
-        vchan = await self.backend.connect(
+        vchan = await conn.enter(await self.backend.connect(
             params.connect_domain, params.connect_port, timeout=self.timeouts.data_vchan_connect
-        )
+        ))
         link = FramedLink(vchan, Direction.CALLER_TO_SERVICE)
         try:
             with trio.fail_after(self.timeouts.handshake):
                 await link.exchange_hello(PROTOCOL_VERSION, send_first=True)
             try:
-                plan = self.runner.plan(parse_cmdline(params.cmdline))
+                cmdline = parse_cmdline(params.cmdline)
             except ProtocolError as exc:
-                raise LaunchError(ExitCode.PROBLEM, f"bad cmdline: {exc}") from exc
+                raise LaunchError(ExitStatus.PROBLEM, f"bad cmdline: {exc}") from exc
+            if isinstance(cmdline.command, RpcCall):
+                conn.describe(source=cmdline.command.source, service=cmdline.command.descriptor)
+            plan = with_call_id(self.runner.plan(cmdline), conn.id)
+            conn.describe(service=plan.what)
             log.info("running", what=plan.what, just_exec=just_exec)
             if just_exec:
                 await self._just_exec(background, link, plan)
                 return
-            async with open_service(plan, self.timeouts, self.ledger) as end:
-                status = await serve_data(link, end)
+            end = await conn.enter(open_service(plan, self.timeouts, self.ledger))
+            conn.running()
+            status = await serve_data(link, end, conn.metered())
             log.info("finished", status=status)
         except LaunchError as exc:
             log.warning("cannot run command", status=exc.status, reason=exc.reason)
             if just_exec:
-                await link.send(MsgType.DATA_EXIT_CODE, encode_exit_code(exc.status))
+                await link.send(ExitCode(exc.status))
             else:
                 await send_spawn_failure(link, exc.status)
-        finally:
-            with trio.CancelScope(shield=True):
-                await link.aclose()
 
     async def _just_exec(self, background: trio.Nursery, link: FramedLink, plan: Plan) -> None:
         if not isinstance(plan, ProgramPlan):
-            raise LaunchError(ExitCode.PROBLEM, "JUST_EXEC of a socket service")
+            raise LaunchError(ExitStatus.PROBLEM, "JUST_EXEC of a socket service")
         # The command outlives its connection, but not the agent's nursery.
         await background.start(spawn_detached, plan, self.timeouts, self.ledger)
-        await link.send(MsgType.DATA_EXIT_CODE, encode_exit_code(0))
+        await link.send(ExitCode(0))
 
 
 def build_parser() -> argparse.ArgumentParser:

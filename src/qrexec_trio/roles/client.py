@@ -13,26 +13,32 @@ import sys
 from collections.abc import Sequence
 from typing import Final
 
+import structlog
 import trio
 
 from .._config import Timeouts
+from .._errors import QrexecError
 from .._logging import get_logger
-from ..nursery import CallerEnd, FramedLink, call_data, caller_exit_code, child_process
+from ..nursery import (
+    CallerEnd,
+    FramedLink,
+    call_data,
+    call_id,
+    caller_exit_code,
+    child_process,
+    open_caller_link,
+)
 from ..nursery import exit_status as process_exit_status
 from ..protocol import (
-    DATA_RING_SIZE,
-    PROTOCOL_VERSION,
-    Direction,
-    ExecParams,
-    ExitCode,
-    MsgType,
-    ProtocolError,
+    ExecCmdline,
+    ExitStatus,
+    JustExec,
     RpcCall,
     ShellCommand,
     parse_cmdline,
 )
-from ..services import LaunchError, ProgramPlan, Runner, service_path
-from ..xen import VchanBackend, VchanError, get_backend
+from ..services import ProgramPlan, Runner, service_path
+from ..xen import VchanBackend, get_backend
 from ._cli import (
     UsageExit1Parser,
     add_logging_options,
@@ -42,10 +48,8 @@ from ._cli import (
 )
 from ._connect import (
     DOM0_NAMES,
-    ConnectError,
-    Connector,
     Target,
-    accept_via_daemon_socket,
+    connect_pending,
     request_port,
 )
 
@@ -54,7 +58,7 @@ log = get_logger(__name__)
 DEFAULT_SOCKET_DIR: Final = "/var/run/qubes"
 
 
-class ClientError(Exception):
+class ClientError(QrexecError):
     """The call could not be made; the message says why. Exit status 125."""
 
 
@@ -75,20 +79,17 @@ def _local_program_plan(command: str, target: str) -> ProgramPlan:
 async def run_call(
     args: argparse.Namespace, backend: VchanBackend, timeouts: Timeouts
 ) -> int:
-    msg_type = MsgType.JUST_EXEC if args.just_exec else MsgType.EXEC_CMDLINE
     cmdline = args.cmdline.encode("utf-8", "surrogateescape")
+    request = JustExec(0, 0, cmdline) if args.just_exec else ExecCmdline(0, 0, cmdline)
     daemon_socket, domid, port = await request_port(
-        args.socket_dir, args.target, msg_type, ExecParams(0, 0, cmdline).encode(), timeouts
-    )
+        args.socket_dir, args.target, request, timeouts)
+    # The call's id, as the daemon and the agent name it too (nursery.call_id).
+    structlog.contextvars.bind_contextvars(call=call_id(domid, port))
     async with daemon_socket:
         log.debug("got data port", domid=domid, port=port)
-        async with backend.listen(domid, port, read_min=DATA_RING_SIZE,
-                                  write_min=DATA_RING_SIZE) as listener:
-            vchan = await listener.accept(args.connect_timeout)
-        link = FramedLink(vchan, Direction.SERVICE_TO_CALLER)
-        async with vchan:
-            with trio.fail_after(timeouts.handshake):
-                await link.exchange_hello(PROTOCOL_VERSION, send_first=True)
+        link = await open_caller_link(backend, domid, port, accept_timeout=args.connect_timeout,
+                                      handshake_timeout=timeouts.handshake)
+        async with link.stream:
             if args.local_command is not None:
                 return await _call_with_local_program(link, args, timeouts)
             async with local_stdio() as (stdin, stdout, stderr):
@@ -189,15 +190,10 @@ async def connect_existing(args: argparse.Namespace, backend: VchanBackend,
     if not isinstance(command, RpcCall):
         raise ClientError("-c needs a QUBESRPC command line")
     user = args.cmdline.partition(":")[0] if args.target not in DOM0_NAMES else "DEFAULT"
-    sockets: list[trio.SocketStream] = []
-    accept = accept_via_daemon_socket(args.socket_dir, str(source_id), ident, timeouts, sockets)
-    try:
-        status = await Connector(backend, timeouts, args.socket_dir).connect(
-            accept, Target(args.target, user, args.target), command.descriptor, source)
-    finally:
-        with trio.CancelScope(shield=True):
-            for stream in sockets:
-                await stream.aclose()
+    status = await connect_pending(
+        backend, timeouts, args.socket_dir, source=source, source_domain=source_id,
+        ident=ident, target=Target(args.target, user, args.target),
+        descriptor=command.descriptor)
     return 0 if status is None else status
 
 
@@ -205,10 +201,10 @@ def _main_connect_existing(args: argparse.Namespace, timeouts: Timeouts) -> int:
     try:
         backend = get_backend(send_finish=timeouts.send_finish)
         return run_until_signal(lambda: connect_existing(args, backend, timeouts))
-    except (ClientError, ConnectError, VchanError, ProtocolError, trio.TooSlowError) as exc:
+    except (QrexecError, trio.TooSlowError) as exc:
         print(f"qrexec-client: {exc or type(exc).__name__}", file=sys.stderr)
-        return int(ExitCode.CLIENT_CONNECT_FAILED if args.target not in DOM0_NAMES
-                   else ExitCode.PROBLEM)
+        return int(ExitStatus.CLIENT_CONNECT_FAILED if args.target not in DOM0_NAMES
+                   else ExitStatus.PROBLEM)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -222,14 +218,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.target in DOM0_NAMES:
         print("qrexec-client: dom0 as a target needs -c (a VM's request to answer)",
               file=sys.stderr)
-        return int(ExitCode.PROBLEM)
+        return int(ExitStatus.PROBLEM)
     try:
         backend = get_backend(send_finish=timeouts.send_finish)
         return run_until_signal(lambda: run_call(args, backend, timeouts))
-    except (ClientError, ConnectError, VchanError, ProtocolError, LaunchError,
-            trio.TooSlowError) as exc:
+    except (QrexecError, trio.TooSlowError) as exc:
         print(f"qrexec-client: {exc or type(exc).__name__}", file=sys.stderr)
-        return int(ExitCode.PROBLEM)
+        return int(ExitStatus.PROBLEM)
 
 
 if __name__ == "__main__":

@@ -46,33 +46,41 @@ import time
 from collections.abc import Sequence
 from typing import NoReturn
 
+import structlog
 import trio
 
 from .._config import Timeouts
+from .._errors import QrexecError
 from .._logging import get_logger
-from ..nursery import CallerEnd, FramedLink, call_data, caller_exit_code, child_process
+from ..nursery import (
+    CallerEnd,
+    FramedLink,
+    call_data,
+    caller_exit_code,
+    child_process,
+    open_caller_link,
+)
 from ..nursery import exit_status as process_exit_status
 from ..protocol import (
     DATA_RING_SIZE,
-    PROTOCOL_VERSION,
+    Data,
     Direction,
     ExitCode,
-    MsgType,
+    ExitStatus,
+    MessageReader,
     ProtocolError,
-    TriggerRequest,
-    decode_exec_params,
-    decode_exit_code,
-    decode_trigger,
-    encode_message,
+    ServiceRefused,
+    Stream,
+    TriggerAnswer,
+    TriggerService,
     filter_escape_chars,
 )
-from ..xen import VchanBackend, VchanError, get_backend
+from ..xen import VchanBackend, get_backend
 from ._cli import add_logging_options, local_stdio, run_until_signal, setup_logging
 from ._vm_local import (
     DEFAULT_AGENT_SOCKET,
     FD_NUMBER,
     FIFO_RECORD_SIZE,
-    StatusReader,
     encode_fifo_record,
     fdpass_path,
     fifo_path,
@@ -82,13 +90,12 @@ from ._vm_local import (
 log = get_logger(__name__)
 
 EXIT_LOCAL_ERROR = 1
-_REPLY_SIZE = 8  # the agent's raw exec_params answer on the trigger socket
 # The FIFO record's fields hold at most this much (each ends with a NUL).
 _FIFO_SERVICE_MAX = 63
 _FIFO_TARGET_MAX = 31
 
 
-class ClientVmError(Exception):
+class ClientVmError(QrexecError):
     """The call could not be made here; the message says why. Exit status 1."""
 
 
@@ -103,11 +110,9 @@ def _target(raw: str) -> bytes:
     return (raw.replace("$", "@") or "@default").encode("utf-8", "surrogateescape")
 
 
-def trigger_payload(source: bytes, target: bytes, service: bytes, ident: bytes) -> bytes:
-    """A TRIGGER_SERVICE4 payload, checked by the rules dom0 applies (fail here, clearly)."""
-    payload = TriggerRequest(4, source, target, ident, service).encode()
-    decode_trigger(MsgType.TRIGGER_SERVICE4, payload)
-    return payload
+def trigger_frame(source: bytes, target: bytes, service: bytes, ident: bytes) -> bytes:
+    """A TRIGGER_SERVICE4 message, checked by the rules dom0 applies (fail here, clearly)."""
+    return TriggerService(4, source, target, ident, service).encode()
 
 
 def _wants_trigger_socket(args: argparse.Namespace, target: bytes, service: bytes) -> bool:
@@ -187,7 +192,9 @@ def r2_request(
         record = encode_fifo_record(service, target, cid)
         assert len(record) == FIFO_RECORD_SIZE
         _write_record(fifo_fd, record, timeouts.handshake)
-        log.debug("request written", cid=cid.decode())
+        # The agent and dom0 know the call by this request id too.
+        structlog.contextvars.bind_contextvars(request=cid.decode())
+        log.debug("request written")
     except BaseException:
         for sock in sockets:
             sock.close()
@@ -282,28 +289,28 @@ async def read_status(
 
     Raises :class:`Refused`; ``None`` if the channel ended without an outcome.
     """
-    reader = StatusReader()
+    reader = MessageReader(Direction.AGENT_TO_CLIENT_VM)
     while True:
-        message = reader.next_message()
-        if message is None:
-            try:
-                data = await channel.receive_some()
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                data = b""
-            if not data:
-                if reader.in_message:
-                    log.warning("status channel ended inside a message")
-                return None
-            reader.feed(data)
-            continue
-        if message.type == MsgType.DATA_STDERR:
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                payload = message.payload
-                await stderr.send_all(filter_escape_chars(payload) if filtered else payload)
-        elif message.type == MsgType.DATA_EXIT_CODE:
-            return decode_exit_code(message.payload)
-        else:
-            raise Refused
+        match reader.next_event():
+            case None:
+                try:
+                    data = await channel.receive_some()
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    data = b""
+                if not data:
+                    if reader.buffered:
+                        log.warning("status channel ended inside a message")
+                    return None
+                reader.feed(data)
+            case Data(Stream.STDERR, chunk):
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    await stderr.send_all(filter_escape_chars(chunk) if filtered else chunk)
+            case ExitCode(status):
+                return status
+            case ServiceRefused():
+                raise Refused
+            case other:  # the reader lets nothing else through on this link
+                raise AssertionError(f"unexpected {other!r}")
 
 
 async def r2_copy(
@@ -357,18 +364,18 @@ async def _ask_agent(
             await stream.send_all(frame)
         # The answer takes a policy decision: the agent gives dom0 this long.
         with trio.move_on_after(timeouts.request_answer) as waiting:
-            reply = await _receive_exactly(stream, _REPLY_SIZE)
+            reply = await _receive_exactly(stream, TriggerAnswer.SIZE)
         if waiting.cancelled_caught:
             raise ClientVmError(
                 f"no answer from qrexec-agent within {timeouts.request_answer:g}s")
         if reply is None:
             raise Refused
-        params = decode_exec_params(reply)
+        answer = TriggerAnswer.decode(reply)
     except BaseException:
         with trio.CancelScope(shield=True):
             await stream.aclose()
         raise
-    return stream, params.connect_domain, params.connect_port
+    return stream, answer.connect_domain, answer.connect_port
 
 
 async def trigger_call(
@@ -379,13 +386,11 @@ async def trigger_call(
     # The socket stays open for the whole call: closing it tells the agent we are done.
     async with stream:
         log.debug("serving the data vchan", domain=domain, port=port)
-        ring = args.buffer_size
-        async with backend.listen(domain, port, read_min=ring, write_min=ring) as listener:
-            vchan = await listener.accept(timeouts.data_vchan_connect)
-        async with vchan:
-            link = FramedLink(vchan, Direction.SERVICE_TO_CALLER)
-            with trio.fail_after(timeouts.handshake):
-                await link.exchange_hello(PROTOCOL_VERSION, send_first=True)
+        link = await open_caller_link(backend, domain, port,
+                                      accept_timeout=timeouts.data_vchan_connect,
+                                      handshake_timeout=timeouts.handshake,
+                                      ring=args.buffer_size)
+        async with link.stream:
             if program is not None:
                 return await _call_with_program(link, args, program, timeouts)
             async with local_stdio() as (stdin, stdout, stderr):
@@ -552,14 +557,13 @@ def run(args: argparse.Namespace, timeouts: Timeouts) -> int:
     service = args.service.encode("utf-8", "surrogateescape")
     source = (args.source_qube or "").encode("utf-8", "surrogateescape")
     try:
-        payload = trigger_payload(source, target, service, b"SOCKET")
+        frame = trigger_frame(source, target, service, b"SOCKET")
     except ProtocolError as exc:
         raise ClientVmError(f"invalid request: {exc}") from exc
     # Resolved before anything is asked of dom0.
     program = _resolve_program(args.prog[0]) if args.prog else None
     if _wants_trigger_socket(args, target, service):
         backend = get_backend(send_finish=timeouts.send_finish)
-        frame = encode_message(MsgType.TRIGGER_SERVICE4, payload)
         return run_until_signal(lambda: trigger_call(args, frame, program, backend, timeouts))
     sockets = r2_request(args.agent_socket, service, target, timeouts)
     if program is not None:
@@ -576,8 +580,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args, Timeouts.from_env())
     except Refused:
         print("Request refused", file=sys.stderr)
-        return int(ExitCode.REFUSED)
-    except (ClientVmError, VchanError, ProtocolError, trio.TooSlowError) as exc:
+        return int(ExitStatus.REFUSED)
+    except (QrexecError, trio.TooSlowError) as exc:
         print(f"qrexec-client-vm: {exc or type(exc).__name__}", file=sys.stderr)
         return EXIT_LOCAL_ERROR
 

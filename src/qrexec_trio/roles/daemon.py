@@ -11,23 +11,36 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import itertools
 import os
 import select
-import socket
 import stat
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final
 
 import structlog
 import trio
 
 from .._config import Timeouts
+from .._errors import QrexecError
 from .._logging import get_logger
-from ..domains import Domains, DomainsError, QubesdDomains
-from ..nursery import FramedLink, GroupLedger, child_process, one_error
+from .._sockets import listening_socket, serve_socket
+from ..domains import Domains, QubesdDomains, serve_admin
+from ..nursery import (
+    CALL_FAILURES,
+    Connection,
+    ConnectionRegistry,
+    FramedLink,
+    GroupLedger,
+    call_id,
+    child_process,
+    one_error,
+    registry_methods,
+)
 from ..policy import DEFAULT_POLICY_D, DEFAULT_R2_DIR
 from ..protocol import (
     CLIENT_PROTOCOL_VERSION,
@@ -35,21 +48,24 @@ from ..protocol import (
     LAST_DATA_PORT,
     PROTOCOL_VERSION,
     VCHAN_BASE_PORT,
+    ConnectionTerminated,
     Direction,
-    ExecParams,
-    Message,
-    MsgType,
+    Event,
+    ExecCmdline,
+    JustExec,
+    PortAssigned,
     ProtocolError,
+    RemoteProtocolError,
+    RpcCall,
     ServiceConnect,
-    TriggerRequest,
-    decode_exec_params,
-    decode_exec_request,
-    decode_service_connect,
-    decode_trigger,
+    ServiceRefused,
+    TriggerService,
+    UndecodableMessage,
     negotiate_version,
+    parse_cmdline,
     substitute_default_user,
 )
-from ..xen import VchanBackend, VchanConnectTimeout, VchanError, get_backend
+from ..xen import VchanBackend, VchanConnectTimeout, get_backend
 from ._cli import add_logging_options, run_long_lived, setup_logging
 from ._connect import ConnectError, Connector, Target
 from ._decide import Decider, EngineDecider, ProgramDecider
@@ -69,12 +85,12 @@ DEFAULT_MAX_CALLS: Final = 128
 class PendingRequest:
     """A VM's request from its trigger until its call is over."""
 
-    request: TriggerRequest
+    request: TriggerService
     #: Set once the request was answered (connected or refused).
     answered: trio.Event = field(default_factory=trio.Event)
 
 
-class ControlLinkDown(Exception):
+class ControlLinkDown(QrexecError):
     """The agent is not connected right now."""
 
 
@@ -110,6 +126,8 @@ class Daemon:
         # restarted after a SIGKILL can end what its predecessor left running.
         self.ledger = GroupLedger(os.path.join(socket_dir, f"qrexec-daemon.{domid}.groups"))
         self.connector = Connector(backend, timeouts, socket_dir, self.ledger, domains)
+        #: This VM's live connections (its requests, and dom0's clients' calls).
+        self.registry = ConnectionRegistry(cleanup_timeout=timeouts.cleanup)
         # Requests of this VM, from the trigger until their call ended, by ident.
         self._requests: dict[bytes, PendingRequest] = {}
         self.ports = PortTable(domid)
@@ -121,6 +139,11 @@ class Daemon:
     @property
     def socket_path(self) -> str:
         return os.path.join(self.socket_dir, f"qrexec.{self.domid}")
+
+    @property
+    def control_path(self) -> str:
+        """Where the registry of live connections is served (see ``nursery._control``)."""
+        return control_socket_path(self.socket_dir, self.domid)
 
     # -- the control link ------------------------------------------------------
 
@@ -159,8 +182,12 @@ class Daemon:
     async def _serve(self, task_status: trio.TaskStatus[None]) -> None:
         link = await self._connect_agent(self.timeouts.startup)
         with self._client_socket() as listener:
-            task_status.started()
             async with trio.open_nursery() as nursery:
+                await nursery.start(functools.partial(
+                    serve_admin, None, self.control_path,
+                    request_timeout=self.timeouts.client_request,
+                    methods=registry_methods(self.registry, f"qrexec-daemon:{self.name}")))
+                task_status.started()
                 nursery.start_soon(self._serve_clients, listener, nursery)
                 while True:
                     await self._serve_control(link, nursery)
@@ -179,8 +206,15 @@ class Daemon:
         self._control = link
         self._control_up.set()
         try:
-            while (message := await link.receive()) is not None:
-                await self._handle_agent_message(message, nursery)
+            while True:
+                try:
+                    event = await link.receive()
+                except UndecodableMessage as exc:
+                    await self._bad_agent_message(exc)
+                    continue
+                if event is None:
+                    break
+                await self._handle_agent_event(event, nursery)
             log.warning("agent closed the control vchan")
         except ProtocolError as exc:
             log.error("agent broke the protocol; dropping its control link", error=str(exc))
@@ -195,28 +229,33 @@ class Daemon:
             for port in self.ports.clear():
                 self._notify_released(port)
 
-    async def _handle_agent_message(self, message: Message, nursery: trio.Nursery) -> None:
-        if message.type == MsgType.CONNECTION_TERMINATED:
-            params = decode_exec_params(message.payload)
-            if not FIRST_DATA_PORT <= params.connect_port <= LAST_DATA_PORT:
-                raise ProtocolError(
-                    "connection_terminated.port", f"{params.connect_port} is not a data port"
-                )
-            if self.ports.release(params.connect_domain, params.connect_port):
-                log.debug("port released", port=params.connect_port)
-                self._notify_released(params.connect_port)
-            else:
-                # A source agent reports ports its peer's daemon allocated (VM->VM).
-                log.debug("terminate for a port we did not allocate", port=params.connect_port,
-                          domain=params.connect_domain)
-            return
-        # The reader only lets triggers through otherwise.
-        try:
-            request = decode_trigger(message.type, message.payload)
-        except ProtocolError as exc:
-            log.warning("invalid service request refused", error=str(exc))
-            await self.refuse_raw(_raw_ident(message))
-            return
+    async def _bad_agent_message(self, exc: UndecodableMessage) -> None:
+        """A message in step but unreadable: refuse a trigger by its raw id, drop the rest."""
+        if exc.raw_request_id is None:
+            raise exc
+        log.warning("invalid service request refused", error=str(exc))
+        await self.send_to_agent(ServiceRefused(b"", raw_request_id=exc.raw_request_id))
+
+    async def _handle_agent_event(self, event: Event, nursery: trio.Nursery) -> None:
+        match event:
+            case ConnectionTerminated(domain, port):
+                self._terminated(domain, port)
+            case TriggerService():
+                await self._new_request(event, nursery)
+            case _:  # the reader lets nothing else through on this link
+                raise AssertionError(f"unexpected {event!r}")
+
+    def _terminated(self, domain: int, port: int) -> None:
+        if not FIRST_DATA_PORT <= port <= LAST_DATA_PORT:
+            raise RemoteProtocolError("connection_terminated.port", f"{port} is not a data port")
+        if self.ports.release(domain, port):
+            log.debug("port released", port=port)
+            self._notify_released(port)
+        else:
+            # A source agent reports ports its peer's daemon allocated (VM->VM).
+            log.debug("terminate for a port we did not allocate", port=port, domain=domain)
+
+    async def _new_request(self, request: TriggerService, nursery: trio.Nursery) -> None:
         if request.request_id in self._requests:
             log.warning("request refused: its id is already in use",
                         request=request.request_id.decode())
@@ -234,16 +273,20 @@ class Daemon:
     async def _handle_request(self, pending: PendingRequest) -> None:
         request = pending.request
         ident = request.request_id
+        target = request.target.decode() or "@default"
         with structlog.contextvars.bound_contextvars(
             request=ident.decode(), service=request.service_name.decode(),
-            target=request.target.decode(), source=self.name,
+            target=target, source=self.name,
         ):
             try:
-                with one_error():
-                    await self._run_request(pending)
-            except (ControlLinkDown, ConnectError, DomainsError, VchanError, ProtocolError,
-                    trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError,
-                    OSError) as exc:
+                async with self.registry.open(
+                    call_id(self.domid, ident), kind="vm-request", source=self.name,
+                    target=target, service=request.service_name.decode(),
+                ) as conn:
+                    await self._run_request(pending, conn)
+                if conn.cancelled:
+                    log.info("call cancelled")
+            except CALL_FAILURES as exc:
                 log.warning("call failed", error=str(exc) or type(exc).__name__)
             finally:
                 with trio.CancelScope(shield=True):
@@ -253,7 +296,7 @@ class Daemon:
                             await self.refuse(ident)
                     del self._requests[ident]
 
-    async def _run_request(self, pending: PendingRequest) -> None:
+    async def _run_request(self, pending: PendingRequest, conn: Connection) -> None:
         request = pending.request
         target = request.target.decode() or "@default"
         call_name = request.service_name.decode()
@@ -275,7 +318,7 @@ class Daemon:
 
         goal = Target(verdict.target, verdict.user or "DEFAULT",
                       verdict.requested_target or target, autostart=verdict.autostart)
-        await self.connector.connect(accept_source, goal, call_name, self.name)
+        await self.connector.connect(conn, accept_source, goal, call_name, self.name)
         log.info("call finished")
 
     async def _run_policy_exec(self, program: str, pending: PendingRequest, target: str,
@@ -314,28 +357,24 @@ class Daemon:
         if port is None:
             raise ConnectError("no free data port")
         try:
-            await self.send_to_agent(MsgType.SERVICE_CONNECT, ServiceConnect(
-                0, port, pending.request.request_id).encode())
+            await self.send_to_agent(ServiceConnect(0, port, pending.request.request_id))
         except BaseException:
             self.ports.release(0, port)
             raise
         pending.answered.set()
         return port
 
-    async def send_to_agent(self, msg_type: MsgType, payload: bytes) -> None:
+    async def send_to_agent(self, event: Event) -> None:
         link = self._control
         if link is None:
             raise ControlLinkDown(f"agent of {self.name} is not connected")
-        await link.send(msg_type, payload)
+        await link.send(event)
 
-    async def refuse(self, ident: bytes) -> None:
-        pending = self._requests.get(ident)
+    async def refuse(self, request_id: bytes) -> None:
+        pending = self._requests.get(request_id)
         if pending is not None:
             pending.answered.set()
-        await self.refuse_raw(ident.ljust(32, b"\0"))
-
-    async def refuse_raw(self, raw_ident: bytes) -> None:
-        await self.send_to_agent(MsgType.SERVICE_REFUSED, raw_ident)
+        await self.send_to_agent(ServiceRefused(request_id))
 
     def _notify_released(self, port: int) -> None:
         waiter = self._port_waiters.pop(port, None)
@@ -348,14 +387,8 @@ class Daemon:
     def _client_socket(self) -> Iterator[trio.socket.SocketType]:
         os.makedirs(self.socket_dir, exist_ok=True)
         path = self.socket_path
-        _unlink_if_socket(path)
-        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        links: list[str] = []
-        try:
-            raw.bind(path)
-            # World-connectable, as the reference: the directory's mode guards it.
-            os.chmod(path, 0o666)
-            raw.listen(64)
+        # World-connectable, as the reference: the directory's mode guards it.
+        with listening_socket(path, mode=0o666) as sock, contextlib.ExitStack() as links:
             aliases = [f"qrexec.{self.name}"]
             if self.uuid:
                 aliases.append(f"qrexec.uuid:{self.uuid}")
@@ -364,35 +397,26 @@ class Daemon:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(link_path)
                 os.symlink(os.path.basename(path), link_path)
-                links.append(link_path)
+                links.callback(_unlink_our_link, link_path, path)
             log.info("serving clients", socket=path)
-            yield trio.socket.from_stdlib_socket(raw)
-        finally:
-            raw.close()
-            for link_path in [path, *links]:
-                _unlink_ours(link_path, path)
+            yield sock
 
     async def _serve_clients(
         self, listener: trio.socket.SocketType, nursery: trio.Nursery
     ) -> None:
-        counter = 0
-        while True:
-            try:
-                sock, _ = await listener.accept()
-            except OSError as exc:
-                # Out of fds or memory: wait a little rather than die (as trio's serve_listeners).
-                log.error("accept failed", error=str(exc))
-                await trio.sleep(0.1)
-                continue
-            counter += 1
-            nursery.start_soon(self._client, trio.SocketStream(sock), counter)
+        numbers = itertools.count(1)
+
+        async def client(stream: trio.SocketStream) -> None:
+            await self._client(stream, next(numbers))
+
+        await serve_socket(listener, client, nursery)
 
     async def _client(self, stream: trio.SocketStream, number: int) -> None:
         with structlog.contextvars.bound_contextvars(client=number):
             try:
                 async with stream:
                     await self._serve_client(stream)
-            except (ProtocolError, trio.TooSlowError, ControlLinkDown) as exc:
+            except (QrexecError, trio.TooSlowError) as exc:
                 log.warning("client dropped", error=str(exc) or type(exc).__name__)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 log.debug("client went away")
@@ -404,54 +428,68 @@ class Daemon:
             link.version = negotiate_version(
                 CLIENT_PROTOCOL_VERSION, await link.receive_hello(), CLIENT_PROTOCOL_VERSION
             )
-            message = await link.receive()
-            if message is None:
+            request = await link.receive()
+            if request is None:
                 return
             if not self._control_up.is_set():
                 await self._control_up.wait()
-        if message.type == MsgType.SERVICE_CONNECT:
-            await self._client_service_connect(link, message)
-            return
-        params = decode_exec_request(message.payload)
-        assert params.cmdline is not None
-        if params.connect_port != 0:
-            log.info("client asked for a port; allocating one anyway", asked=params.connect_port)
+        match request:
+            case ServiceConnect():
+                await self._client_service_connect(link, request)
+            case ExecCmdline() | JustExec():
+                await self._client_exec(link, request)
+            case _:  # the reader lets nothing else through on this link
+                raise AssertionError(f"unexpected {request!r}")
+
+    async def _client_exec(self, link: FramedLink, request: ExecCmdline | JustExec) -> None:
+        if request.connect_port != 0:
+            log.info("client asked for a port; allocating one anyway", asked=request.connect_port)
         # Build what goes to the agent first: DEFAULT: substitution can make it
         # too long, and that must fail before a port is promised to the client.
-        cmdline = substitute_default_user(params.cmdline, self.default_user)
-        ExecParams(params.connect_domain, 0, cmdline).encode()
-        port = self.ports.allocate(params.connect_domain)
+        forward = replace(request, connect_port=0,
+                          cmdline=substitute_default_user(request.cmdline, self.default_user))
+        forward.encode()
+        domain = request.connect_domain
+        port = self.ports.allocate(domain)
         if port is None:
             log.error("no free data port; closing client")
             return
         released = self._port_waiters[port] = trio.Event()
-        with structlog.contextvars.bound_contextvars(port=port, domain=params.connect_domain):
+        with structlog.contextvars.bound_contextvars(port=port, domain=domain):
+            await self._run_client_call(link, forward, port, released)
+
+    async def _run_client_call(self, link: FramedLink, forward: ExecCmdline | JustExec,
+                               port: int, released: trio.Event) -> None:
+        domain = forward.connect_domain
+        async with self.registry.open(
+            call_id(self.domid, port), kind="client", source=f"domain {domain}",
+            target=self.name, service=_what(forward.cmdline),
+        ) as conn:
             try:
-                await link.send(message.type, ExecParams(self.domid, port).encode())
-                forward = ExecParams(params.connect_domain, port, cmdline)
-                await self.send_to_agent(MsgType(message.type), forward.encode())
+                await link.send(PortAssigned(forward.msg_type, self.domid, port))
+                await self.send_to_agent(replace(forward, connect_port=port))
             except BaseException:
                 # The agent never heard of this port: nobody else will free it.
-                self.ports.release(params.connect_domain, port)
+                self.ports.release(domain, port)
                 self._port_waiters.pop(port, None)
                 raise
-            log.info("request forwarded", type=MsgType(message.type).name)
-            await _wait_running(stream, released)
+            log.info("request forwarded", type=forward.msg_type.name)
+            conn.running()
+            await _wait_running(link.stream, released)
 
-    async def _client_service_connect(self, link: FramedLink, message: Message) -> None:
-        connect = decode_service_connect(message.payload)
+    async def _client_service_connect(self, link: FramedLink, connect: ServiceConnect) -> None:
         if connect.connect_port != 0:
             # The port was allocated elsewhere: pass the answer on as it is.
-            await self.send_to_agent(MsgType.SERVICE_CONNECT, message.payload)
+            await self.send_to_agent(connect)
             return
-        pending = self._requests.get(connect.ident)
+        pending = self._requests.get(connect.request_id)
         if pending is None or pending.answered.is_set():
             log.warning("SERVICE_CONNECT for a request that is not pending",
-                        ident=connect.ident.decode())
+                        request=connect.request_id.decode())
             return
         port = await self.answer(pending)
         released = self._port_waiters[port] = trio.Event()
-        await link.send(MsgType.SERVICE_CONNECT, ExecParams(self.domid, port).encode())
+        await link.send(PortAssigned(connect.msg_type, self.domid, port))
         await _wait_running(link.stream, released)
 
 
@@ -470,27 +508,25 @@ async def _wait_running(stream: trio.abc.Stream, released: trio.Event) -> None:
         nursery.cancel_scope.cancel()
 
 
-def _raw_ident(message: Message) -> bytes:
-    offsets = {MsgType.TRIGGER_SERVICE: 96, MsgType.TRIGGER_SERVICE3: 64,
-               MsgType.TRIGGER_SERVICE4: 128}
-    start = offsets.get(MsgType(message.type), 0)
-    return message.payload[start : start + 32].ljust(32, b"\0")
+def control_socket_path(socket_dir: str, domid: int) -> str:
+    return os.path.join(socket_dir, f"qrexec-trio-control.{domid}")
 
 
-def _unlink_if_socket(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)
+def _what(cmdline: bytes) -> str:
+    """A client's command line as a listing names it: the service, or the command."""
+    try:
+        command = parse_cmdline(cmdline).command
+    except ProtocolError:
+        return "(malformed command line)"
+    if isinstance(command, RpcCall):
+        return command.descriptor
+    return command.command
 
 
-def _unlink_ours(path: str, target: str) -> None:
-    """Remove our socket or a link to it, but nothing a successor put there."""
+def _unlink_our_link(path: str, target: str) -> None:
+    """Remove our link to ``target``, but nothing a successor put there."""
     with contextlib.suppress(OSError):
-        info = os.lstat(path)
-        if stat.S_ISLNK(info.st_mode):
-            if os.readlink(path) == os.path.basename(target):
-                os.unlink(path)
-        elif stat.S_ISSOCK(info.st_mode):
+        if stat.S_ISLNK(os.lstat(path).st_mode) and os.readlink(path) == os.path.basename(target):
             os.unlink(path)
 
 

@@ -4,7 +4,8 @@ It starts the demo world packaged with qrexec-trio (``qrexec_trio/world/demo/``:
 dom0's daemons, VMs work, vault and personal, a DispVM template) as a separate
 process in a temp dir, then shows: a dom0 -> VM command, a VM -> VM call
 allowed by policy, a denied call, a DispVM call (its creation and destruction
-visible), and a cancelled call whose whole pipeline is torn down. Every step
+visible), a cancelled call whose whole pipeline is torn down, and a call
+watched with ``qrexec-trio connections`` and cut with ``qrexec-trio kill``. Every step
 is checked; the demo exits 0 only if every step behaved as shown, and the
 world leaves nothing behind.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import json
 import shutil
 import signal
 import subprocess
@@ -23,8 +25,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from importlib import resources
 from pathlib import Path
+from typing import TypeVar
 
-from ._connect import program
+from .._programs import program
+
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -42,8 +47,8 @@ def _say(text: str = "") -> None:
     print(text, flush=True)
 
 
-def _show(label: str, data: bytes) -> None:
-    if len(data) > 300:
+def _show(label: str, data: bytes, *, limit: int = 300) -> None:
+    if len(data) > limit:
         digest = hashlib.sha256(data).hexdigest()[:16]
         _say(f"   {label}| ({len(data)} bytes, sha256 {digest}...)")
         return
@@ -58,6 +63,16 @@ def _wait(condition: Callable[[], bool], timeout: float) -> bool:
             return True
         time.sleep(0.05)
     return condition()
+
+
+def _wait_for_value(probe: Callable[[], T | None], timeout: float) -> T | None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = probe()
+        if value is not None:
+            return value
+        time.sleep(0.1)
+    return probe()
 
 
 class Demo:
@@ -133,6 +148,44 @@ class Demo:
         gone = _wait(lambda: self.dispvms() == before, 30)
         _say(f"   after the kill, DispVMs: {', '.join(self.dispvms()) or 'none'}")
         self.check("the whole pipeline, DispVM included, was torn down", created and gone)
+
+        self.step(6, "watch and cut: list the live connections, kill one from outside")
+        call = subprocess.Popen(
+            [program("qrexec-trio"), "call", "--world", str(self.world_dir), "work", "vault",
+             "demo.Echo"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        _say("   $ qrexec-trio call work vault demo.Echo   (stdin left open)")
+        call_id = _wait_for_value(lambda: self._running_call("work", "vault"), 30)
+        listing = self.qrexec_trio("connections")
+        _show("stdout", listing.stdout, limit=4096)
+        killed = self.qrexec_trio("kill", call_id or "?")
+        try:
+            status: int | None = call.wait(30)
+        except subprocess.TimeoutExpired:
+            call.kill()
+            status = call.wait()
+        gone = _wait(lambda: self._running_call("work", "vault") is None, 30)
+        _say(f"   the caller exited with {status}; connections of the call left: "
+             f"{'none' if gone else 'some'}")
+        self.check("one id in the daemon's and the agent's registry, cut everywhere",
+                   call_id is not None and killed.returncode == 0 and status != 0 and gone)
+        assert call.stdin is not None
+        call.stdin.close()
+
+    def _running_call(self, source: str, target: str) -> str | None:
+        """The id of the running call from ``source`` to ``target``, once both ends list it."""
+        listing = subprocess.run(
+            [program("qrexec-trio"), "connections", "--world", str(self.world_dir), "--json"],
+            capture_output=True, timeout=30, check=False)
+        owners: dict[str, set[str]] = {}
+        for line in listing.stdout.splitlines():
+            entry = json.loads(line)
+            if entry.get("state") == "running" and entry.get("target") == target:
+                owners.setdefault(str(entry["id"]), set()).add(str(entry["owner"]))
+        for call_id, holders in owners.items():
+            if {f"qrexec-daemon:{source}", f"qrexec-agent:{source}"} <= holders:
+                return call_id
+        return None
 
 
 def run_demo(config: Path, workdir: Path, *, verbose: bool) -> int:

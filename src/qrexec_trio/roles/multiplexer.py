@@ -16,7 +16,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from ..protocol import ExitCode, ProtocolError, RpcCall, parse_cmdline
+from ..protocol import ExitStatus, ProtocolError, RpcCall, parse_cmdline
 from ..services import LaunchError, ProgramPlan, Runner, service_path
 
 USAGE = "usage: qubes-rpc-multiplexer SERVICE[+ARG] SOURCE [name|keyword TARGET]"
@@ -33,17 +33,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) not in (2, 4) or any(not arg or " " in arg for arg in args):
         print(USAGE, file=sys.stderr)
-        return int(ExitCode.PROBLEM)
+        return int(ExitStatus.PROBLEM)
     runner = Runner(service_path(), allow_scripts=True)
     try:
         call = _call(args)
         identity = runner.identity_for(None)
         plan = runner.plan_rpc(call, identity)
         if not isinstance(plan, ProgramPlan):
-            raise LaunchError(ExitCode.PROBLEM, f"{call.descriptor} is a socket service; "
+            raise LaunchError(ExitStatus.PROBLEM, f"{call.descriptor} is a socket service; "
                               "the multiplexer runs programs only")
     except (LaunchError, ProtocolError) as exc:
-        status = exc.status if isinstance(exc, LaunchError) else int(ExitCode.PROBLEM)
+        status = exc.status if isinstance(exc, LaunchError) else int(ExitStatus.PROBLEM)
         print(f"qubes-rpc-multiplexer: {exc}", file=sys.stderr)
         return status
     sys.stdout.flush()
@@ -52,7 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"qubes-rpc-multiplexer: cannot run {plan.argv[0]}: {exc.strerror}",
               file=sys.stderr)
-        return int(ExitCode.SERVICE_NOT_FOUND if exc.errno == errno.ENOENT else ExitCode.PROBLEM)
+        missing = exc.errno == errno.ENOENT
+        return int(ExitStatus.SERVICE_NOT_FOUND if missing else ExitStatus.PROBLEM)
 
 
 if __name__ == "__main__":

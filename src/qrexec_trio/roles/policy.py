@@ -17,7 +17,6 @@ import sys
 from collections.abc import Sequence
 
 import structlog
-import trio
 
 from qrexec_trio.policy import (
     DEFAULT_ASK_TIMEOUT,
@@ -40,10 +39,10 @@ from qrexec_trio.policy import (
 )
 
 from .._config import Timeouts
-from ..protocol import ProtocolError
+from ..nursery import CALL_FAILURES
 from ..xen import VchanError, get_backend
 from ._cli import add_logging_options, run_until_signal, setup_logging
-from ._connect import ConnectError, Connector, Target, accept_via_daemon_socket
+from ._connect import Target, connect_pending
 from .daemon import DEFAULT_SOCKET_DIR
 
 log = structlog.get_logger(__name__)
@@ -107,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     request = Request.from_call(args.source, args.target, args.call_name)
     decision = _decide(args, request)
     log.info(
-        "policy.decision",
+        "policy decision",
         result=decision.action.value, source=_clip(request.source),
         requested_target=_clip(request.target), service=_clip(request.call_name),
         target=decision.target, user=decision.user, rule=str(decision.rule or ""),
@@ -130,33 +129,27 @@ def connect_allowed(args: argparse.Namespace, decision: Decision) -> int:
     assert decision.target is not None
     request = decision.request
     if decision.target.startswith("@dispvm"):
-        log.warning("policy.connect_failed", error="DispVM targets are not available yet")
+        log.warning("connect failed", error="DispVM targets are not available yet")
         return EXIT_DENY
     timeouts = Timeouts.from_env()
     try:
         backend = get_backend(send_finish=timeouts.send_finish)
     except VchanError as exc:
-        log.error("policy.connect_failed", error=str(exc))
+        log.error("connect failed", error=str(exc))
         return EXIT_DENY
     target = Target(decision.target, decision.user or "DEFAULT", request.target)
 
     async def run() -> int:
-        sockets: list[trio.SocketStream] = []
-        accept = accept_via_daemon_socket(args.socket_dir, request.source,
-                                          args.request_id.encode(), timeouts, sockets)
-        try:
-            await Connector(backend, timeouts, args.socket_dir).connect(
-                accept, target, request.call_name, request.source)
-        finally:
-            with trio.CancelScope(shield=True):
-                for stream in sockets:
-                    await stream.aclose()
+        await connect_pending(
+            backend, timeouts, args.socket_dir, source=request.source,
+            source_domain=request.source, ident=args.request_id.encode(), target=target,
+            descriptor=request.call_name)
         return EXIT_ALLOW
 
     try:
         return run_until_signal(run)
-    except (ConnectError, VchanError, ProtocolError, trio.TooSlowError, OSError) as exc:
-        log.error("policy.connect_failed", error=str(exc) or type(exc).__name__)
+    except CALL_FAILURES as exc:
+        log.error("connect failed", error=str(exc) or type(exc).__name__)
         return EXIT_DENY
 
 
@@ -166,7 +159,7 @@ def _decide(args: argparse.Namespace, request: Request) -> Decision:
     try:
         system_info = _system_info(args.system_info, request)
     except SystemInfoError as exc:
-        log.error("policy.system_info_error", error=str(exc))
+        log.error("system info unreadable", error=str(exc))
         return deny(request, "system information unusable")
     decision = PolicyCache(args.policy_dir, args.policy_d).evaluate(request, system_info)
     prompt = None if args.ask_program is None else program_prompt(

@@ -17,11 +17,11 @@ import trio
 
 from .._config import Timeouts
 from .._logging import get_logger
+from .._programs import program
 from ..domains import DomainsError, QubesdDomains, disposable
 from ..nursery import child_process, exit_status
-from ..protocol import ExitCode
+from ..protocol import ExitStatus
 from ._cli import add_logging_options, run_until_signal, setup_logging
-from ._connect import program
 from .daemon import DEFAULT_SOCKET_DIR
 
 log = get_logger(__name__)
@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_until_signal(lambda: run_in_dispvm(args, timeouts))
     except (DomainsError, trio.TooSlowError, OSError) as exc:
         print(f"qfile-daemon-dvm: {exc or type(exc).__name__}", file=sys.stderr)
-        return int(ExitCode.PROBLEM)
+        return int(ExitStatus.PROBLEM)
 
 
 if __name__ == "__main__":

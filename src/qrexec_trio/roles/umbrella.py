@@ -16,6 +16,8 @@ def _programs() -> dict[str, tuple[Callable[[list[str]], int], str]]:
         "call": (world.call_main, "call a service from a VM of the running world"),
         "run": (world.run_main, "run a command in a VM of the running world, from dom0"),
         "vms": (world.vms_main, "list the domains of the running world"),
+        "connections": (world.connections_main, "list the running world's live connections"),
+        "kill": (world.kill_main, "cancel one live connection of the running world"),
         "daemon": (daemon.main, "qrexec-daemon (dom0, one per VM)"),
         "client": (client.main, "qrexec-client (dom0)"),
         "agent": (agent.main, "qrexec-agent (VM)"),

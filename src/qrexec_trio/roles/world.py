@@ -9,22 +9,24 @@ where the world keeps its files.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import NoReturn
 
 import trio
 
 from .._config import Timeouts
-from .._logging import get_logger
-from ..domains import DomainsError, QubesdDomains
+from .._logging import configure_logging, get_logger
+from .._programs import program
+from ..domains import AdminProtocolError, DomainsError, QubesdDomains
+from ..nursery import CONNECTIONS, KILL, UNKNOWN_CONNECTION, parse_connections
 from ..world import WorldConfigError, load_world_config
 from ..world._layout import WorldLayout, default_world_dir
 from ..world._runner import World, WorldError
 from ._cli import add_logging_options, run_until_signal, setup_logging
-from ._connect import program
 
 log = get_logger(__name__)
 
@@ -145,22 +147,83 @@ def run_main(argv: Sequence[str] | None = None) -> int:
                   "-d", args.vm, f"{args.user}:{args.command}"], env)
 
 
+def _against_world(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+                   body: Callable[[argparse.Namespace, QubesdDomains], Awaitable[int]]) -> int:
+    """Run one command against the running world's admin socket; errors exit 1."""
+    _world_option(parser)
+    args = parser.parse_args(argv)
+    configure_logging("warning")
+    state = _state(args.world)
+    domains = QubesdDomains(str(state["qubesd_socket"]))
+    try:
+        return trio.run(body, args, domains)
+    except DomainsError as exc:
+        print(f"{parser.prog}: {exc}", file=sys.stderr)
+        return 1
+
+
 def vms_main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qrexec-trio vms",
                                      description="List the domains of the running world.")
-    _world_option(parser)
-    args = parser.parse_args(argv)
-    state = _state(args.world)
-    domains = QubesdDomains(str(state["qubesd_socket"]))
 
-    async def show() -> int:
+    async def show(args: argparse.Namespace, domains: QubesdDomains) -> int:
         for domain in await domains.list():
             state_text = f"running, domid {domain.domid}" if domain.running else "halted"
             print(f"{domain.name:<14} {domain.type:<12} {state_text}")
         return 0
 
-    try:
-        return trio.run(show)
-    except DomainsError as exc:
-        print(f"qrexec-trio vms: {exc}", file=sys.stderr)
-        return 1
+    return _against_world(parser, argv, show)
+
+
+def connections_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="qrexec-trio connections",
+        description="List the live connections of the running world: every daemon's and "
+        "every agent's. A call shows once per program it passes through, under one id.")
+    parser.add_argument("--json", action="store_true", help="one JSON object a line")
+
+    async def show(args: argparse.Namespace, domains: QubesdDomains) -> int:
+        entries = parse_connections(await domains.call(CONNECTIONS, "dom0"))
+        if args.json:
+            for entry in entries:
+                print(json.dumps(entry, sort_keys=True))
+            return 0
+        print(f"{'ID':<16} {'OWNER':<22} {'STATE':<8} {'AGE':>7} {'IN':>10} {'OUT':>10}  "
+              "SOURCE -> TARGET  SERVICE")
+        for entry in entries:
+            print(f"{entry.get('id', '?'):<16} {entry.get('owner', '?'):<22} "
+                  f"{entry.get('state', '?'):<8} {float(entry.get('age', 0)):>6.1f}s "
+                  f"{_bytes(entry.get('bytes_to_service')):>10} "
+                  f"{_bytes(entry.get('bytes_to_caller')):>10}  "
+                  f"{entry.get('source') or '?'} -> {entry.get('target') or '?'}  "
+                  f"{entry.get('service') or ''}")
+        return 0
+
+    return _against_world(parser, argv, show)
+
+
+def _bytes(value: object) -> str:
+    return str(value) if isinstance(value, int) else "-"
+
+
+def kill_main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="qrexec-trio kill",
+        description="Cancel one live connection of the running world (an id from "
+        "'qrexec-trio connections'): its whole pipeline is torn down.")
+    parser.add_argument("id", help="the connection's id")
+
+    async def kill(args: argparse.Namespace, domains: QubesdDomains) -> int:
+        try:
+            await domains.call(KILL, "dom0", args.id)
+        except AdminProtocolError:
+            print(f"qrexec-trio kill: {args.id!r} is not a connection id", file=sys.stderr)
+            return 1
+        except DomainsError as exc:
+            if exc.kind != UNKNOWN_CONNECTION:
+                raise
+            print(f"qrexec-trio kill: no live connection {args.id!r}", file=sys.stderr)
+            return 1
+        return 0
+
+    return _against_world(parser, argv, kill)

@@ -6,8 +6,10 @@ from ._lookup import LaunchError as LaunchError
 from ._lookup import ServiceKind as ServiceKind
 from ._lookup import find_service as find_service
 from ._lookup import service_path as service_path
+from ._plan import CALL_ID_ENV as CALL_ID_ENV
 from ._plan import Identity as Identity
 from ._plan import Plan as Plan
 from ._plan import ProgramPlan as ProgramPlan
 from ._plan import Runner as Runner
 from ._plan import SocketPlan as SocketPlan
+from ._plan import with_call_id as with_call_id

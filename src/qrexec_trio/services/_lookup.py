@@ -16,12 +16,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from ..protocol import MAX_SERVICE_BASENAME_LEN, ExitCode, RpcCall
+from .._errors import QrexecError
+from ..protocol import MAX_SERVICE_BASENAME_LEN, ExitStatus, RpcCall
 
 DEFAULT_SERVICE_PATH: Final = "/run/qubes-rpc:/usr/local/etc/qubes-rpc:/etc/qubes-rpc"
 
 
-class LaunchError(Exception):
+class LaunchError(QrexecError):
     """A command cannot be started; ``status`` is the exit code to report."""
 
     def __init__(self, status: int, reason: str) -> None:
@@ -79,7 +80,9 @@ def find_service(
             except OSError as exc:
                 if exc.errno in (errno.ENOENT, errno.ENOTDIR):
                     continue  # absent here (a dangling symlink counts as absent)
-                raise LaunchError(ExitCode.PROBLEM, f"cannot stat {path}: {exc.strerror}") from exc
+                raise LaunchError(
+                    ExitStatus.PROBLEM, f"cannot stat {path}: {exc.strerror}"
+                ) from exc
             if stat.S_ISSOCK(info.st_mode):
                 return FoundService(path, ServiceKind.SOCKET)
             if stat.S_ISREG(info.st_mode) and os.access(path, os.X_OK):
@@ -87,8 +90,9 @@ def find_service(
             if stat.S_ISREG(info.st_mode) and allow_scripts:
                 return FoundService(path, ServiceKind.SCRIPT)
             raise LaunchError(
-                ExitCode.PROBLEM, f"service handler {path} is not executable nor a socket"
+                ExitStatus.PROBLEM, f"service handler {path} is not executable nor a socket"
             )
     raise LaunchError(
-        ExitCode.SERVICE_NOT_FOUND, f"service {call.descriptor!r} not found in {list(directories)}"
+        ExitStatus.SERVICE_NOT_FOUND,
+        f"service {call.descriptor!r} not found in {list(directories)}",
     )

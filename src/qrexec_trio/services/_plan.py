@@ -8,12 +8,13 @@ the caller can report the right exit code without starting anything.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pwd
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ..protocol import Cmdline, ExitCode, RpcCall, ShellCommand
+from ..protocol import Cmdline, ExitStatus, RpcCall, ShellCommand
 from ._lookup import LaunchError, ServiceKind, find_service
 
 # Environment variables a service may inherit from the agent's QREXEC_* set.
@@ -53,6 +54,17 @@ class SocketPlan:
 
 Plan = ProgramPlan | SocketPlan
 
+#: The call's id in a service's environment (see ``nursery.call_id``), so that
+#: a service's own logs can carry it too.
+CALL_ID_ENV = "QREXEC_CALL_ID"
+
+
+def with_call_id(plan: Plan, call: str) -> Plan:
+    """``plan`` with the call id in its environment (a socket service has none)."""
+    if isinstance(plan, ProgramPlan):
+        return dataclasses.replace(plan, env={**plan.env, CALL_ID_ENV: call})
+    return plan
+
 
 @dataclass(frozen=True, slots=True)
 class Runner:
@@ -72,7 +84,7 @@ class Runner:
             try:
                 entry = pwd.getpwnam(user)
             except KeyError:
-                raise LaunchError(ExitCode.PROBLEM, f"no such user {user!r}") from None
+                raise LaunchError(ExitStatus.PROBLEM, f"no such user {user!r}") from None
             return Identity(
                 name=user,
                 uid=entry.pw_uid,
@@ -84,7 +96,7 @@ class Runner:
         own = pwd.getpwuid(self.euid).pw_name
         if user is not None and user != own:
             raise LaunchError(
-                ExitCode.PROBLEM, f"cannot run as {user!r}: this agent runs as {own!r}"
+                ExitStatus.PROBLEM, f"cannot run as {user!r}: this agent runs as {own!r}"
             )
         return Identity(name=own)
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from .._errors import QrexecError
 
-class WorldConfigError(Exception):
+
+class WorldConfigError(QrexecError):
     """The world's config (or a file it names) cannot be used.
 
     ``file`` is the file at fault (the config, a service file's config line, or a

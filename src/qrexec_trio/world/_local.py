@@ -24,9 +24,9 @@ import trio
 
 from .._config import Timeouts
 from .._logging import get_logger
+from .._programs import program
 from ..domains import Domain, DomainsError
 from ..nursery import child_process, one_error
-from ..roles._connect import program
 from ._layout import WorldLayout
 
 log = get_logger(__name__)

@@ -10,16 +10,20 @@ kills every VM and removes its directory: nothing is left behind.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 
 import trio
 
 from .._config import Timeouts
+from .._errors import QrexecError
 from .._logging import get_logger
 from ..domains import Domain, serve_admin
+from ..nursery import gathering_methods
 from ..xen._registry import LOCAL_DEFAULT
 from . import ServiceSpec, WorldConfig, system_info_json
 from ._layout import WorldLayout
@@ -28,7 +32,7 @@ from ._local import LocalDomains, LocalVM
 log = get_logger(__name__)
 
 
-class WorldError(Exception):
+class WorldError(QrexecError):
     """The world cannot be set up here (its directory is in use, ...)."""
 
 
@@ -96,7 +100,13 @@ class World:
                                        user=self.config.user, vchan=self.vchan,
                                        log_options=self.log_options)
                 try:
-                    await nursery.start(serve_admin, domains, str(self.layout.qubesd_socket))
+                    # The world's admin socket also lists and cuts connections:
+                    # those of every daemon and agent of the world.
+                    methods = gathering_methods(functools.partial(_control_sockets, domains),
+                                                self.timeouts.client_request)
+                    await nursery.start(functools.partial(
+                        serve_admin, domains, str(self.layout.qubesd_socket), methods=methods,
+                        request_timeout=self.timeouts.client_request))
                     for spec in self.config.vms:
                         if spec.autostart:
                             await domains.start(spec.name)
@@ -130,3 +140,26 @@ class World:
         temporary = layout.state_file.with_suffix(".tmp")
         temporary.write_text(json.dumps(state, indent=1))
         temporary.rename(layout.state_file)  # readers never see half a file
+
+
+def _control_sockets(domains: LocalDomains) -> dict[str, str]:
+    """The control sockets of the world's programs, each with its owner's label.
+
+    Found by their names (``qrexec-trio-control.DOMID`` of each daemon,
+    ``...-control`` beside each agent's trigger socket), not by asking the
+    programs, so that a program that is starting or stopping is just absent.
+    """
+    sockets: dict[str, str] = {}
+    for vm in domains.local_vms():
+        daemon = domains.layout.socket_dir / f"qrexec-trio-control.{vm.domid}"
+        sockets[str(daemon)] = f"qrexec-daemon:{vm.name}"
+        for path in vm.runtime_dir.glob("*-control"):
+            sockets[str(path)] = f"qrexec-agent:{vm.name}"
+    return {path: owner for path, owner in sockets.items() if _is_socket(path)}
+
+
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
+    except OSError:
+        return False

@@ -23,8 +23,10 @@ import abc
 
 import trio
 
+from .._errors import QrexecError
 
-class VchanError(Exception):
+
+class VchanError(QrexecError):
     """A vchan could not be set up (bad name, port in use, backend missing)."""
 
 

@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from typing import Final
 
+from .._config import Timeouts
 from ._interface import VchanBackend, VchanError
 from ._socket import SocketBackend
 
@@ -52,8 +53,14 @@ def default_backend_name() -> str:
     return "xen" if os.path.exists("/dev/xen") else LOCAL_DEFAULT
 
 
-def get_backend(name: str | None = None, *, send_finish: float = 2.0) -> VchanBackend:
-    """The backend named ``name``, else ``$QREXEC_VCHAN``, else the default."""
+def get_backend(name: str | None = None, *, send_finish: float | None = None) -> VchanBackend:
+    """The backend named ``name``, else ``$QREXEC_VCHAN``, else the default.
+
+    ``send_finish`` bounds how long a cancelled send may finish its frame
+    (default: ``Timeouts.send_finish``).
+    """
+    if send_finish is None:
+        send_finish = Timeouts().send_finish
     chosen = name or os.environ.get("QREXEC_VCHAN") or default_backend_name()
     factory = _FACTORIES.get(chosen)
     if factory is None:
