@@ -40,6 +40,18 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+#: argv[0] of the agent's per-connection QREXEC_AGENT_PID stand-in (a sleep).
+STAND_IN = "qrexec-agent-pid"
+
+
+def is_program(proc: psutil.Process, name: str) -> bool:
+    """``proc`` runs ``name`` (and is not a QREXEC_AGENT_PID stand-in that runs it)."""
+    try:
+        return proc.name() == name and proc.cmdline()[:1] != [STAND_IN]
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+
+
 def marked_processes(mark: str) -> list[psutil.Process]:
     """Live processes whose environment carries ``mark``."""
     found = []
@@ -90,8 +102,20 @@ class VM:
         path.chmod(mode)
         return path
 
+    @property
+    def config_dir(self) -> Path:
+        """The VM's rpc-config directory (QUBES_RPC_CONFIG_PATH of its agent)."""
+        return self.host.root / f"rpc-config-{self.name}"
+
+    def add_config(self, name: str, text: str) -> Path:
+        self.config_dir.mkdir(exist_ok=True)
+        path = self.config_dir / name
+        path.write_text(text)
+        return path
+
     def start_agent(self) -> None:
-        env = self.host.env(self.domid, QREXEC_SERVICE_PATH=str(self.service_dir))
+        env = self.host.env(self.domid, QREXEC_SERVICE_PATH=str(self.service_dir),
+                            QUBES_RPC_CONFIG_PATH=str(self.config_dir))
         with open(self.agent_log, "ab") as log:
             self.agent = subprocess.Popen(
                 [program("qrexec-agent"), "--runtime-dir", str(self.runtime_dir),

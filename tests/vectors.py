@@ -47,7 +47,7 @@ class Record:
     link: str
     sender: str
     receiver: str
-    kind: str  # "message", "raw" or "event"
+    kind: str  # "message", "raw", "event" or "log" (a service's log line, README 8.1)
     type: int | None
     name: str
     payload: bytes
@@ -76,7 +76,7 @@ def load(scenario: str) -> list[Record]:
     records = []
     for line in (VECTORS / f"{scenario}.jsonl").read_text().splitlines():
         raw = json.loads(line)
-        kind = {"event": "event", "raw": "raw"}.get(raw["type"], "message")
+        kind = {"event": "event", "raw": "raw", "log": "log"}.get(raw["type"], "message")
         records.append(Record(
             seq=raw["seq"], link=raw["link"], sender=raw["from"], receiver=raw["to"],
             kind=kind, type=int(raw["type"], 16) if kind == "message" else None,

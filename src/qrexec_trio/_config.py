@@ -44,6 +44,9 @@ class Timeouts:
     domain_start: float = 60.0
     #: One admin call to the domain manager (qubesd, or the local world's).
     admin_call: float = 60.0
+    #: A ``wait-for-session`` service waits at most this long for
+    #: ``qubes.WaitForSession``; then it starts anyway (logged).
+    session_wait: float = 60.0
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Timeouts:

@@ -8,7 +8,7 @@ import struct
 import psutil
 import pytest
 
-from harness import VM, Host, wait_for
+from harness import VM, Host, is_program, wait_for
 from vectors import Peer, connect_unix, listen_unix
 
 HELLO = 0x300
@@ -160,7 +160,7 @@ def test_oversized_stdin_chunk_to_the_agent_ends_that_call_only(vm1: VM, host: H
     listener.close()
     caller.send(HELLO, struct.pack("<I", 4))
     assert caller.receive() == (HELLO, struct.pack("<I", 4))
-    wait_for(lambda: [p for p in psutil.process_iter(["name"]) if p.info["name"] == "sleep"
+    wait_for(lambda: [p for p in psutil.process_iter(["name"]) if is_program(p, "sleep")
                       and p.environ().get("QTRIO_TEST_MARK") == host.mark],
              what="the service to start")
     caller.send(DATA_STDIN, bytes(65537))
@@ -168,7 +168,7 @@ def test_oversized_stdin_chunk_to_the_agent_ends_that_call_only(vm1: VM, host: H
     peer.expect_eof()  # and reported it terminated: the daemon freed the port
     wait_for(lambda: _logged(vm1.agent_events("connection failed"), "65537"),
              what="the agent to log the oversized chunk")
-    wait_for(lambda: not [p for p in psutil.process_iter(["name"]) if p.info["name"] == "sleep"
+    wait_for(lambda: not [p for p in psutil.process_iter(["name"]) if is_program(p, "sleep")
                           and p.environ().get("QTRIO_TEST_MARK") == host.mark],
              what="the service to be killed")
     _still_serves(vm1)

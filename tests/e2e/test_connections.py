@@ -30,7 +30,7 @@ import psutil
 import pytest
 import trio
 
-from harness import Host, marked_processes, wait_for
+from harness import STAND_IN, Host, marked_processes, wait_for
 from qrexec_trio.domains import QubesdDomains
 from qrexec_trio.nursery import CONNECTIONS, parse_connections
 
@@ -142,7 +142,8 @@ def processes_of_call(host: Host, call_id: str) -> list[psutil.Process]:
 
 
 def processes_of_vm(world: RunningWorld, host: Host, name: str) -> list[psutil.Process]:
-    """Live processes of VM ``name``: its agent, its daemon, its services."""
+    """Live processes of VM ``name``: its agent, its daemon, its services (and their
+    QREXEC_AGENT_PID stand-ins)."""
     services = f"{world.dir / 'vms' / name}/"
     found = []
     for proc in marked_processes(host.mark):
@@ -403,7 +404,10 @@ def test_kill_during_the_data_phase_of_a_dispvm_call_destroys_the_dispvm(
         assert {e["owner"] for e in listing if e["owner"].endswith(f":{dispvm}")} == {
             f"qrexec-daemon:{dispvm}", f"qrexec-agent:{dispvm}"}, listing
         assert dispvm in domain_names(world)
-        assert len(processes_of_vm(world, host, dispvm)) == 3  # agent, daemon, service
+        # Its agent, its daemon, the service, and the service's QREXEC_AGENT_PID stand-in.
+        roles = sorted(STAND_IN if p.cmdline()[:1] == [STAND_IN] else p.name()
+                       for p in processes_of_vm(world, host, dispvm))
+        assert roles == sorted(["qrexec-agent", "qrexec-daemon", "cat", STAND_IN]), roles
 
         result = kill(world, entry["id"])
         assert (result.returncode, result.stderr) == (0, b"")

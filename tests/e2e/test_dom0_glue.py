@@ -13,7 +13,7 @@ import struct
 import psutil
 import pytest
 
-from harness import VM, Host, marked_processes, program, wait_for
+from harness import VM, Host, is_program, marked_processes, program, wait_for
 from vectors import Peer, connect_unix, listen_unix
 
 pytestmark = pytest.mark.socket_vchan_peer
@@ -222,7 +222,7 @@ def test_caller_gone_mid_stream_ends_the_target_service_and_frees_both_ports(
     host: Host,
 ) -> None:
     vm2, vm1, port, data = _sleeping_call(host)
-    sleepers = [p for p in marked_processes(host.mark) if p.name() == "sleep"]
+    sleepers = [p for p in marked_processes(host.mark) if is_program(p, "sleep")]
     assert len(sleepers) == 1
     data.close()  # the caller is gone
     vm1.control.send(CONNECTION_TERMINATED, struct.pack("<II", 0, port))
@@ -307,7 +307,7 @@ def test_qrexec_client_c_answers_a_pending_request(host: Host) -> None:
     wrapper = _policy_exec_wrapper(host, "exec sleep 60")
     vm1 = FakeSourceAgent(host, "--policy-exec", wrapper)
     vm1.trigger("vm2", "test.Echo+c", ident=b"REQ1")
-    wait_for(lambda: [p for p in marked_processes(host.mark) if p.name() == "sleep"],
+    wait_for(lambda: [p for p in marked_processes(host.mark) if is_program(p, "sleep")],
              what="the request to be pending")
     client = subprocess.Popen(
         [program("qrexec-client"), "--socket-dir", str(host.socket_dir), "-d", "vm2",

@@ -46,7 +46,9 @@ DOM0_TO_VM = [
     "b-dom0-to-vm-rpc",
     "c-just-exec",
     "d1-service-not-found",
-    "d2-service-not-executable",
+    # d2 (a service file without the x bit: the reference answers 125) is not
+    # replayed: such a file is an R2 command file here, run with /bin/sh, as
+    # issue 10 asks (tests/e2e/test_agent_dropin.py).
     "g-killed-by-signal",
     "h-stdin-closed-early",
     "h2-stdin-open-at-exit",

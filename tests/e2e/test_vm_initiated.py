@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from harness import VM, Host, marked_processes, wait_for
+from harness import VM, Host, is_program, marked_processes, wait_for
 
 ECHO = '#!/bin/sh\necho "arg=$1 src=$QREXEC_REMOTE_DOMAIN"\nexec cat\n'
 PATHS = {"r2": (), "socket": ("--use-trigger-socket",)}
@@ -92,11 +92,16 @@ def test_remote_exit_code_and_prog_mode(pair: tuple[VM, VM], host: Host) -> None
     host.set_policy("test.Exit * vm1 vm2 allow\n")
     plain = vm1.client_vm("vm2", "test.Exit", input=b"hi\n")
     assert (plain.returncode, plain.stdout) == (5, b"got hi\n")
-    # With a local program, the program talks to the service and its status is ours.
+    # With a local program, the program talks to the service; as the reference's
+    # code does, a non-zero remote status wins over the program's.
     prog = ["/bin/sh", "-c", 'echo ping; read answer; echo "$answer" >&2; exit 3']
     with_prog = vm1.client_vm("vm2", "test.Exit", prog=prog)
-    assert with_prog.returncode == 3, with_prog.stderr
+    assert with_prog.returncode == 5, with_prog.stderr
     assert with_prog.stderr.endswith(b"got ping\n")
+    vm2.add_service("test.Zero", "#!/bin/sh\nread x; echo got $x\n")
+    host.set_policy("test.Zero * vm1 vm2 allow\n", name="60-zero.policy")
+    remote_ok = vm1.client_vm("vm2", "test.Zero", prog=prog)
+    assert remote_ok.returncode == 3, remote_ok.stderr  # then the program's status
 
 
 def test_fifty_concurrent_calls_from_one_vm(pair: tuple[VM, VM], host: Host) -> None:
@@ -122,7 +127,7 @@ def test_calls_above_the_pending_limit_are_refused_at_once(host: Host) -> None:
     slow = [vm1.start_client_vm("vm2", "test.Slow", stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
             for _ in range(3)]
-    wait_for(lambda: len([p for p in marked_processes(host.mark) if p.name() == "sleep"]) == 3,
+    wait_for(lambda: len([p for p in marked_processes(host.mark) if is_program(p, "sleep")]) == 3,
              what="three calls running")
     extra = vm1.client_vm("vm2", "test.Slow", timeout=10)
     assert extra.returncode == 126
@@ -149,7 +154,7 @@ def test_killing_the_caller_ends_the_target_service_and_frees_both_ports(
                                  stdout=subprocess.PIPE)
     assert caller.stdout is not None
     assert caller.stdout.readline() == b"started\n"
-    (service,) = [p for p in marked_processes(host.mark) if p.name() == "sleep"]
+    (service,) = [p for p in marked_processes(host.mark) if is_program(p, "sleep")]
     caller.send_signal(signal.SIGKILL)
     caller.wait()
     wait_for(lambda: not _alive(service), what="the target service to end")

@@ -31,6 +31,8 @@ from ._pump import call_data as call_data
 from ._pump import caller_exit_code as caller_exit_code
 from ._pump import send_spawn_failure as send_spawn_failure
 from ._pump import serve_data as serve_data
+from ._service_end import connect_service as connect_service
+from ._service_end import just_exec_service as just_exec_service
 from ._service_end import open_service as open_service
 from ._service_end import spawn_detached as spawn_detached
 from ._streams import EofWatch as EofWatch

@@ -118,7 +118,13 @@ class Connection:
         return self._nursery
 
     async def enter(self, resource: AbstractAsyncContextManager[T]) -> T:
-        """Own ``resource`` until the connection ends; released in reverse order."""
+        """Own ``resource`` until the connection ends; released in reverse order.
+
+        The release runs in the connection's own shielded, bounded scope, so
+        ``resource`` must not keep a cancel scope or nursery open across its
+        ``yield`` (trio cannot close one inside a scope opened after it): a
+        resource that needs a task runs it from a method the call awaits.
+        """
         return await self._stack.enter_async_context(resource)
 
     def callback(self, release: Callable[[], object]) -> None:

@@ -9,7 +9,7 @@ import resource
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import NoReturn
+from typing import Final, NoReturn
 
 import trio
 from trio.lowlevel import FdStream
@@ -34,8 +34,16 @@ def setup_logging(args: argparse.Namespace, program: str) -> None:
     configure_logging(args.log_level, json=json, program=program)
 
 
-async def _until_signalled(scope: trio.CancelScope, received: list[int]) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+#: What stops a short-lived program: a terminal's hangup too.
+CLIENT_STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+#: What stops a long-lived one. Not SIGHUP: a service may send it to the
+#: agent, and a daemon's SIGHUP is for reloading, not stopping.
+DAEMON_STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
+
+
+async def _until_signalled(scope: trio.CancelScope, received: list[int],
+                           stop_signals: tuple[int, ...]) -> None:
+    with trio.open_signal_receiver(*stop_signals) as signals:
         async for signum in signals:
             received.append(signum)
             scope.cancel()
@@ -43,9 +51,11 @@ async def _until_signalled(scope: trio.CancelScope, received: list[int]) -> None
 
 
 def run_until_signal(
-    main: Callable[[], Awaitable[int]], *, stopped_status: int | None = None
+    main: Callable[[], Awaitable[int]], *, stopped_status: int | None = None,
+    stop_signals: tuple[int, ...] = CLIENT_STOP_SIGNALS,
+    ignored_signals: tuple[int, ...] = (),
 ) -> int:
-    """Run ``main`` under trio; SIGTERM, SIGINT or SIGHUP cancel it cleanly.
+    """Run ``main`` under trio; ``stop_signals`` cancel it cleanly.
 
     Returns ``main``'s result, or if signal N stopped it ``stopped_status``
     (daemons: a requested stop is a clean exit) or else 128+N.
@@ -55,7 +65,9 @@ def run_until_signal(
     async def runner() -> int:
         result = 0
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_until_signalled, nursery.cancel_scope, received)
+            nursery.start_soon(_until_signalled, nursery.cancel_scope, received, stop_signals)
+            if ignored_signals:
+                nursery.start_soon(_log_ignored, ignored_signals)
             result = await main()
             nursery.cancel_scope.cancel()
         return result
@@ -99,12 +111,35 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+#: Signals a long-lived program takes no action on (logged): a service may
+#: send them to the agent it runs under (QREXEC_AGENT_PID is its connection's
+#: stand-in, but a service can find the agent), and none may end it.
+IGNORED_SIGNALS: Final = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def _no_action(signum: int, frame: object) -> None:
+    # Never log here: a handler runs between any two bytecodes of the main
+    # thread, possibly inside the logger's own write (a deadlock). Inside
+    # trio.run the signals are received by a task instead (_log_ignored).
+    pass
+
+
+async def _log_ignored(signals: tuple[int, ...]) -> None:
+    with trio.open_signal_receiver(*signals) as received:
+        async for signum in received:
+            get_logger(__name__).info("signal ignored", signal=signal.Signals(signum).name)
+
+
 def run_long_lived(main: Callable[[], Awaitable[int]]) -> int:
     """Run a daemon-like program: a requested stop is a clean exit (0), and a
     vchan that cannot be set up is a logged start-up failure (1)."""
     raise_fd_limit()
+    for signum in IGNORED_SIGNALS:
+        # Caught rather than ignored: children start with default dispositions.
+        signal.signal(signum, _no_action)
     try:
-        return run_until_signal(main, stopped_status=0)
+        return run_until_signal(main, stopped_status=0, stop_signals=DAEMON_STOP_SIGNALS,
+                                ignored_signals=IGNORED_SIGNALS)
     except VchanError as exc:
         get_logger(__name__).error("cannot start", error=str(exc))
         return 1

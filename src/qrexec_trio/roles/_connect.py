@@ -54,7 +54,16 @@ from ..protocol import (
     ServiceConnect,
     negotiate_version,
 )
-from ..services import Identity, ProgramPlan
+from ..services import (
+    Identity,
+    Plan,
+    ProgramPlan,
+    Runner,
+    load_service_config,
+    rpc_config_path,
+    service_path,
+    socket_option_conflict,
+)
 from ..xen import Vchan, VchanBackend
 
 log = get_logger(__name__)
@@ -237,16 +246,23 @@ class Connector:
             peer = await link.receive_hello()
             link.version = negotiate_version(PROTOCOL_VERSION, peer)
             await link.send_hello(PROTOCOL_VERSION)
-        argv = [program("qubes-rpc-multiplexer"), call.descriptor, call.source]
-        if call.target_type is not None and call.target is not None:
-            argv += [call.target_type, call.target]
-        plan = ProgramPlan(argv, dict(os.environ, QREXEC_CALL_ID=conn.id), Identity(name="dom0"),
-                           what=call.descriptor)
-        end = await conn.enter(open_service(plan, self.timeouts, self.ledger))
+        plan = _dom0_socket_service(call) or self._multiplexer_plan(conn, call)
+        # As the reference: the service's stderr stays in dom0 (our log).
+        end = await conn.enter(open_service(plan, self.timeouts, self.ledger,
+                                            forward_stderr=False))
         conn.running()
         status = await serve_data(link, end, conn.metered())
         log.info("dom0 service finished", service=call.descriptor, status=status)
         return status
+
+    @staticmethod
+    def _multiplexer_plan(conn: Connection, call: RpcCall) -> ProgramPlan:
+        """A dom0 program service runs through qubes-rpc-multiplexer, as the reference's."""
+        argv = [program("qubes-rpc-multiplexer"), call.descriptor, call.source]
+        if call.target_type is not None and call.target is not None:
+            argv += [call.target_type, call.target]
+        return ProgramPlan(argv, dict(os.environ, QREXEC_CALL_ID=conn.id),
+                           Identity(name="dom0"), what=call.descriptor)
 
     async def _request_target(self, target: Target,
                               cmdline: bytes) -> tuple[trio.SocketStream, int, int]:
@@ -310,3 +326,22 @@ async def connect_pending(
         status = await Connector(backend, timeouts, socket_dir).connect(
             conn, accept, target, descriptor, source)
     return status
+
+
+def _dom0_socket_service(call: RpcCall) -> Plan | None:
+    """A dom0 socket or TCP service's plan, with its rpc-config; ``None`` otherwise.
+
+    The multiplexer can only exec a program; a service that is a socket is
+    connected from here, with the same code as in a VM. Anything that is not
+    a usable socket service (not found, a program, a bad configuration) goes
+    to the multiplexer, which reports it as it always has.
+    """
+    runner = Runner(service_path(), allow_scripts=True)
+    try:
+        config = load_service_config(call.lookup_names, rpc_config_path())
+        plan = runner.plan_rpc(call, runner.identity_for(None), config)
+    except QrexecError:
+        return None
+    if isinstance(plan, ProgramPlan) or socket_option_conflict(config) is not None:
+        return None
+    return plan

@@ -18,10 +18,12 @@ for why the FIFO sits beside today's socket rather than at its path).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import structlog
 import trio
@@ -38,6 +40,7 @@ from ..nursery import (
     GroupLedger,
     PeerGone,
     call_id,
+    just_exec_service,
     one_error,
     open_service,
     registry_methods,
@@ -64,13 +67,40 @@ from ..protocol import (
     negotiate_version,
     parse_cmdline,
 )
-from ..services import LaunchError, Plan, ProgramPlan, Runner, service_path, with_call_id
+from ..services import (
+    DEFAULT_CONFIG,
+    LaunchError,
+    Plan,
+    ProgramPlan,
+    RpcConfigError,
+    Runner,
+    load_service_config,
+    rpc_config_path,
+    service_path,
+    socket_option_conflict,
+    with_call_id,
+)
 from ..xen import VchanBackend, get_backend
 from ._cli import add_logging_options, run_long_lived, setup_logging
+from ._session import wait_for_session
 from ._vm_local import DEFAULT_RUNTIME_DIR, DEFAULT_SOCKET_NAME
 from ._vm_requests import RequestPaths, SetupError, VmRequests
 
 log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """A command ready to run."""
+
+    plan: Plan
+    #: The call to hold until the user session is up (wait-for-session), if any.
+    wait_for_session: RpcCall | None
+    user: str | None
+
+
+def _warn_config(message: str) -> None:
+    log.warning("service configuration", warning=message)
 
 
 class Agent:
@@ -86,13 +116,18 @@ class Agent:
         self.backend = backend
         self.runner = runner
         self.timeouts = timeouts
+        #: Where per-service configuration lives ($QUBES_RPC_CONFIG_PATH).
+        self.config_dirs = rpc_config_path()
         self.runtime_dir = runtime_dir
         self._control: FramedLink | None = None
         self._ready_sent = False
+        socket_path = agent_socket or os.path.join(runtime_dir, DEFAULT_SOCKET_NAME)
         # Services this agent starts are written down, so that an agent
         # restarted after a SIGKILL can end what its predecessor left running.
-        self.ledger = GroupLedger(os.path.join(runtime_dir, "qrexec-agent.groups"))
-        socket_path = agent_socket or os.path.join(runtime_dir, DEFAULT_SOCKET_NAME)
+        # Like every runtime file, the record sits beside the agent socket: the
+        # reference's command line names that one path only, and an agent run
+        # as a user may have no other writable directory.
+        self.ledger = GroupLedger(f"{socket_path}-groups")
         #: Live connections: services running for dom0, and this VM's own calls.
         self.registry = ConnectionRegistry(cleanup_timeout=timeouts.cleanup)
         self.paths = RequestPaths.beside(socket_path)
@@ -216,6 +251,9 @@ class Agent:
                 log.error("connection failed", error=str(exc) or type(exc).__name__)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 log.warning("data vchan broke", error=str(exc) or type(exc).__name__)
+            except Exception:
+                # A bug, but in one connection: it must not cost the others.
+                log.exception("connection crashed")
             finally:
                 with trio.CancelScope(shield=True):
                     await self.send_control(
@@ -225,6 +263,13 @@ class Agent:
         self, conn: Connection, background: trio.Nursery, params: ExecCmdline | JustExec, *,
         just_exec: bool,
     ) -> None:
+        # What to run is decided first: wait-for-session holds the request
+        # before the data vchan connects, as the reference does. A command
+        # that cannot run is refused only on the data vchan, with its status.
+        prepared = self._prepare(conn, params.cmdline)
+        if isinstance(prepared, _Launch) and prepared.wait_for_session is not None:
+            await wait_for_session(self.runner, prepared.wait_for_session, prepared.user,
+                                   timeouts=self.timeouts, ledger=self.ledger)
         vchan = await conn.enter(await self.backend.connect(
             params.connect_domain, params.connect_port, timeout=self.timeouts.data_vchan_connect
         ))
@@ -232,14 +277,9 @@ class Agent:
         try:
             with trio.fail_after(self.timeouts.handshake):
                 await link.exchange_hello(PROTOCOL_VERSION, send_first=True)
-            try:
-                cmdline = parse_cmdline(params.cmdline)
-            except ProtocolError as exc:
-                raise LaunchError(ExitStatus.PROBLEM, f"bad cmdline: {exc}") from exc
-            if isinstance(cmdline.command, RpcCall):
-                conn.describe(source=cmdline.command.source, service=cmdline.command.descriptor)
-            plan = with_call_id(self.runner.plan(cmdline), conn.id)
-            conn.describe(service=plan.what)
+            if isinstance(prepared, LaunchError):
+                raise prepared
+            plan = prepared.plan
             log.info("running", what=plan.what, just_exec=just_exec)
             if just_exec:
                 await self._just_exec(background, link, plan)
@@ -255,11 +295,42 @@ class Agent:
             else:
                 await send_spawn_failure(link, exc.status)
 
+    def _prepare(self, conn: Connection, raw_cmdline: bytes) -> _Launch | LaunchError:
+        """The plan for a command line, with its service's configuration applied."""
+        try:
+            cmdline = parse_cmdline(raw_cmdline)
+        except ProtocolError as exc:
+            return LaunchError(ExitStatus.PROBLEM, f"bad cmdline: {exc}")
+        call = cmdline.command if isinstance(cmdline.command, RpcCall) else None
+        config = DEFAULT_CONFIG
+        if call is not None:
+            conn.describe(source=call.source, service=call.descriptor)
+            try:
+                config = load_service_config(call.lookup_names, self.config_dirs,
+                                             warn=_warn_config)
+            except RpcConfigError as exc:
+                log.error("could not load the service's configuration", error=str(exc))
+                return LaunchError(ExitStatus.PROBLEM, f"invalid configuration: {exc}")
+            if config.force_user is not None:
+                cmdline = dataclasses.replace(cmdline, user=config.force_user)
+        try:
+            plan = with_call_id(self.runner.plan(cmdline, config), conn.id)
+        except LaunchError as exc:
+            return exc
+        conflict = socket_option_conflict(config)
+        if conflict is not None and not isinstance(plan, ProgramPlan):
+            return LaunchError(ExitStatus.PROBLEM, conflict)
+        conn.describe(service=plan.what)
+        waits = call is not None and config.wait_for_session and isinstance(plan, ProgramPlan)
+        return _Launch(plan, call if waits else None, cmdline.user)
+
     async def _just_exec(self, background: trio.Nursery, link: FramedLink, plan: Plan) -> None:
-        if not isinstance(plan, ProgramPlan):
-            raise LaunchError(ExitStatus.PROBLEM, "JUST_EXEC of a socket service")
-        # The command outlives its connection, but not the agent's nursery.
-        await background.start(spawn_detached, plan, self.timeouts, self.ledger)
+        if isinstance(plan, ProgramPlan):
+            # The command outlives its connection, but not the agent's nursery.
+            await background.start(spawn_detached, plan, self.timeouts, self.ledger)
+        else:
+            # A socket service is told the descriptor, and left to it.
+            await just_exec_service(plan, self.timeouts)
         await link.send(ExitCode(0))
 
 
@@ -269,10 +340,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="qrexec agent: serves dom0's qrexec-daemon inside a VM.",
     )
     parser.add_argument("--runtime-dir", default=DEFAULT_RUNTIME_DIR,
-                        help=f"runtime directory (default {DEFAULT_RUNTIME_DIR})")
+                        help="where the agent socket goes when --agent-socket is not given "
+                        f"(default {DEFAULT_RUNTIME_DIR})")
     parser.add_argument("--agent-socket", metavar="PATH",
-                        help="trigger socket for qrexec-client-vm "
-                        "(default RUNTIME_DIR/qrexec-agent)")
+                        help="trigger socket for qrexec-client-vm (default "
+                        "RUNTIME_DIR/qrexec-agent); the agent's other runtime files (R2 "
+                        "fdpass socket and fifo, control socket, process-group record) "
+                        "go beside it as PATH-fdpass, PATH-fifo, PATH-control, PATH-groups")
     parser.add_argument("--no-fork-server", action="store_true",
                         help="accepted for compatibility; this agent has no fork server")
     parser.add_argument("--fork-server-socket", metavar="FMT",
@@ -285,9 +359,12 @@ async def run_agent(args: argparse.Namespace) -> int:
     timeouts = Timeouts.from_env()
     backend = get_backend(send_finish=timeouts.send_finish)
     try:
-        agent = Agent(backend, Runner(service_path()), timeouts=timeouts,
+        # A handler file without the x bit is an R2 command file: it runs with
+        # /bin/sh, as R2's qubes-rpc-multiplexer ran it (the reference says 125).
+        runner = Runner(service_path(), allow_scripts=True)
+        agent = Agent(backend, runner, timeouts=timeouts,
                       runtime_dir=args.runtime_dir, agent_socket=args.agent_socket)
-    except OSError as exc:  # the runtime dir, where the service ledger lives
+    except OSError as exc:  # beside the agent socket, where the service ledger lives
         log.error("cannot start", error=f"{exc.filename}: {exc.strerror}")
         return 1
     log.info("qrexec-agent starting", domain=backend.own_domain, backend=backend.name,

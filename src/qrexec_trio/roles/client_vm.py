@@ -1,5 +1,5 @@
 """qrexec-client-vm: call a service from inside a VM (wire-protocol.md §7.2, §13.2;
-r2-design.md §4).
+r2-design.md §4). A drop-in for the reference's program.
 
 ``qrexec-client-vm [options] TARGET SERVICE[+ARG] [PROG [ARGS...]]``
 
@@ -7,29 +7,40 @@ Options stop at the first operand, so PROG's own options pass through. TARGET
 may use ``@default``, ``@dispvm[:X]`` or the legacy ``$`` spelling (rewritten
 to ``@``); an empty TARGET means ``@default``.
 
-Two ways to ask the agent (paths and layouts in :mod:`._vm_local`):
+Two ways to ask the agent (paths and layouts in :mod:`._vm_local`); the
+program picks one by itself:
 
-* **R2 (default).** Three connections to the agent's fdpass socket give three
-  sockets and their connection id; one record in the agent's FIFO asks for
-  the call. The agent runs the data vchan itself and relays it to the
-  sockets. With PROG, we exec it on the sockets at once (stdin = socket 0,
-  stdout = socket 1, stderr = socket 2 only if ``PASS_LOCAL_STDERR`` is set;
-  the originals stay reachable as ``SAVED_FD_0``/``_1``/``_2``); PROG's exit
-  status is the result. Without PROG we copy stdin to socket 1 and socket 0 to
-  stdout, and read the outcome from the status channel on socket 2: remote
-  stderr, then the remote exit status or a refusal. The FIFO record has no
-  source field and fixed-size fields, so ``--source-qube`` and names too long
-  for the record use today's path instead; ``--buffer-size`` does not apply
-  (the agent's data vchan uses the default rings).
-* **Today's trigger socket** (``--use-trigger-socket``). We send one
-  MSG_TRIGGER_SERVICE4, read the 8-byte answer (EOF: refused), serve the data
-  vchan ourselves and run the caller side of the call, with PROG as a child
-  on socket pairs (stderr inherited) or with our own stdio.
+* **R2**, when the agent offers it (its fdpass socket ``PATH-fdpass`` and its
+  FIFO ``PATH-fifo`` exist beside the trigger socket; ``--use-r2-fdpass``
+  insists on it). Three connections to the fdpass socket give three sockets
+  and their connection id; one record in the FIFO asks for the call. The
+  agent runs the data vchan itself and relays it to the sockets: socket 0
+  carries the remote stdout, socket 1 our input, socket 2 the status channel
+  (remote stderr, then the exit status or a refusal). With PROG, PROG runs as
+  our child on sockets 0 and 1 (its stderr is ours) while we read the status
+  channel. The FIFO record has no source field and fixed-size fields, so
+  ``--source-qube`` and names too long for the record use the trigger socket;
+  ``--buffer-size`` does not apply (the agent's data vchan uses the default
+  rings).
+* **The trigger socket** ``PATH`` (today's reference agent has only this one;
+  ``--use-trigger-socket`` insists on it). We send one MSG_TRIGGER_SERVICE4,
+  read the 8-byte answer (EOF: refused), serve the data vchan ourselves and
+  run the caller side of the call, with PROG as a child on socket pairs, or
+  with our own stdio.
 
-Exit status: 126 refused ("Request refused"); 2 usage; 1 local error (no
-agent, bad name, PROG not found); 255 if the call died before an exit code;
-otherwise the remote status, or with PROG (today's path) the remote status if
-non-zero, else PROG's.
+Either way, as the reference does: without PROG our stdout is closed as soon
+as the remote stdout ends, and we exit once the remote exit status came, even
+if our stdin is still open (it is not read further). If whoever reads our
+stdout goes away, its data is dropped from then on, our stdin is still sent,
+and the exit status is still the remote one. With PROG, PROG's stdin and
+stdout are connected to the service, its stderr is ours; ``SAVED_FD_0`` and
+``SAVED_FD_1`` name duplicates of our own stdin and stdout, and
+``SAVED_FD_2`` of our stderr only if ``PASS_LOCAL_STDERR`` is set.
+
+Exit status: the remote status if non-zero, else PROG's (0 without PROG); 128+N
+for a local PROG killed by signal N; 126 refused ("Request refused"); 255 if
+the call died before an exit status; 2 usage; 1 local error (no agent, bad
+name or buffer size, PROG not found).
 """
 
 from __future__ import annotations
@@ -38,16 +49,20 @@ import argparse
 import contextlib
 import errno
 import os
+import re
 import select
 import shutil
 import socket
+import stat
 import sys
 import time
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
 
 import structlog
 import trio
+from trio.lowlevel import FdStream
 
 from .._config import Timeouts
 from .._errors import QrexecError
@@ -76,7 +91,7 @@ from ..protocol import (
     filter_escape_chars,
 )
 from ..xen import VchanBackend, get_backend
-from ._cli import add_logging_options, local_stdio, run_until_signal, setup_logging
+from ._cli import add_logging_options, run_until_signal, setup_logging
 from ._vm_local import (
     DEFAULT_AGENT_SOCKET,
     FD_NUMBER,
@@ -89,10 +104,19 @@ from ._vm_local import (
 
 log = get_logger(__name__)
 
-EXIT_LOCAL_ERROR = 1
+EXIT_LOCAL_ERROR: Final = 1
+EXIT_USAGE: Final = 2
 # The FIFO record's fields hold at most this much (each ends with a NUL).
-_FIFO_SERVICE_MAX = 63
-_FIFO_TARGET_MAX = 31
+_FIFO_SERVICE_MAX: Final = 63
+_FIFO_TARGET_MAX: Final = 31
+# --buffer-size: a minimum, rounded up to a ring size every backend takes.
+_RING_MIN: Final = 1 << 10
+_RING_MAX: Final = 1 << 20
+_INT_MAX: Final = 2**31 - 1
+_C_INTEGER: Final = re.compile(r"0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*")
+
+R2: Final = "r2"
+TRIGGER: Final = "trigger socket"
 
 
 class ClientVmError(QrexecError):
@@ -115,13 +139,44 @@ def trigger_frame(source: bytes, target: bytes, service: bytes, ident: bytes) ->
     return TriggerService(4, source, target, ident, service).encode()
 
 
-def _wants_trigger_socket(args: argparse.Namespace, target: bytes, service: bytes) -> bool:
-    if args.use_trigger_socket or args.source_qube:
-        return True
+def _is(path: str, kind: Any) -> bool:
+    try:
+        return bool(kind(os.stat(path).st_mode))
+    except OSError:
+        return False
+
+
+def r2_offered(agent_socket: str) -> bool:
+    """Whether the agent at ``agent_socket`` has the R2 fdpass socket and FIFO beside it."""
+    return (_is(fdpass_path(agent_socket), stat.S_ISSOCK)
+            and _is(fifo_path(agent_socket), stat.S_ISFIFO))
+
+
+def r2_unusable(args: argparse.Namespace, target: bytes, service: bytes) -> str | None:
+    """Why this request cannot go through the FIFO record, if it cannot."""
+    if args.source_qube:
+        return "the R2 record has no source qube"
     if len(service) > _FIFO_SERVICE_MAX or len(target) > _FIFO_TARGET_MAX:
-        log.info("names too long for the R2 record; using the trigger socket")
-        return True
-    return False
+        return "names too long for the R2 record"
+    return None
+
+
+def choose_path(args: argparse.Namespace, target: bytes, service: bytes) -> str:
+    """R2 when the agent offers it and the request fits it; else the trigger socket."""
+    if args.use_trigger_socket:
+        return TRIGGER
+    unusable = r2_unusable(args, target, service)
+    if args.use_r2_fdpass:
+        if unusable is not None:
+            raise ClientVmError(f"--use-r2-fdpass: {unusable}")
+        return R2
+    if unusable is not None:
+        log.info(f"{unusable}; using the trigger socket")
+        return TRIGGER
+    if r2_offered(args.agent_socket):
+        return R2
+    log.debug("the agent offers no R2 fdpass socket; using the trigger socket")
+    return TRIGGER
 
 
 # -- R2: fdpass sockets and the FIFO (synchronous: nothing runs concurrently yet) -----
@@ -148,6 +203,7 @@ def _fdpass_socket(path: str, timeout: float) -> tuple[socket.socket, int]:
             if not chunk:
                 raise ClientVmError(f"qrexec-agent closed {path} before sending the fd number")
             number += chunk
+        sock.settimeout(None)
     except BaseException:
         sock.close()
         raise
@@ -174,7 +230,7 @@ def _write_record(fd: int, record: bytes, timeout: float) -> None:
 def r2_request(
     agent_socket: str, service: bytes, target: bytes, timeouts: Timeouts
 ) -> tuple[socket.socket, socket.socket, socket.socket]:
-    """Get three sockets from the agent and ask for the call with their CID."""
+    """Get three (blocking) sockets from the agent and ask for the call with their CID."""
     fifo = fifo_path(agent_socket)
     try:
         # First, as R2 does: no FIFO reader means no agent, before anything else.
@@ -211,40 +267,85 @@ def _resolve_program(name: str) -> str:
     return path
 
 
-def exec_program(
-    program: str, argv: Sequence[str],
-    sockets: tuple[socket.socket, socket.socket, socket.socket], prefix: bytes,
-    timeouts: Timeouts,
-) -> NoReturn:
-    """Become PROG with the three sockets as its stdio (R2). Never returns."""
-    stdin_sock, stdout_sock, status_sock = sockets
-    if prefix:
-        stdout_sock.settimeout(timeouts.handshake)
-        stdout_sock.sendall(prefix)
-    pass_stderr = "PASS_LOCAL_STDERR" in os.environ
-    env = dict(os.environ)
-    for fd in (0, 1, 2) if pass_stderr else (0, 1):
-        saved = os.dup(fd)
-        os.set_inheritable(saved, True)
-        env[f"SAVED_FD_{fd}"] = str(saved)
-    # PROG gets ordinary blocking descriptors (a timeout makes them non-blocking).
-    for sock in sockets:
-        sock.setblocking(True)
-    os.dup2(stdin_sock.fileno(), 0)
-    os.dup2(stdout_sock.fileno(), 1)
-    if pass_stderr:
-        # PROG writes its stderr here and never reads: say so, so that the
-        # agent's status frames fail at once instead of filling the buffer.
-        status_sock.shutdown(socket.SHUT_RD)
-        os.dup2(status_sock.fileno(), 2)
-    for sock in sockets:
-        sock.close()  # without PASS_LOCAL_STDERR this tells the agent: no status reader
+# -- our own stdio -----------------------------------------------------------------
+
+
+class LocalOutput(trio.abc.SendStream):
+    """Where remote stdout goes: our stdout, or the stdin socket's sending side.
+
+    :meth:`close` ends it for its reader (our fd 1 itself is closed, not just
+    a duplicate); a reader that went away closes it too, and the failing
+    write raises so that the caller drops the rest.
+    """
+
+    def __init__(self, stream: trio.abc.SendStream, *, socket_stream: bool) -> None:
+        self._stream = stream
+        self._socket = socket_stream
+        self.closed = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.closed:
+            raise trio.ClosedResourceError
+        try:
+            await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            log.debug("our stdout's reader went away; dropping remote stdout")
+            await self.close()
+            raise
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def close(self) -> None:
+        """End the output: the reader sees EOF (a socket: its sending side only)."""
+        if self.closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self.closed = True
+        if self._socket:
+            assert isinstance(self._stream, trio.SocketStream)
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
+                                     OSError):
+                await self._stream.send_eof()
+            return
+        await self._stream.aclose()
+        # Our fd 1 too, or its reader never sees EOF; /dev/null keeps the number taken.
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, 1)
+        finally:
+            os.close(null)
+
+    async def aclose(self) -> None:
+        await self.close()
+
+
+@contextlib.asynccontextmanager
+async def local_ends(
+    args: argparse.Namespace,
+) -> AsyncIterator[tuple[trio.abc.ReceiveStream, LocalOutput, trio.abc.SendStream]]:
+    """Our input, our output and our stderr as trio streams.
+
+    With ``--use-stdin-socket`` fd 0 is a socket carrying both directions.
+    The streams own duplicates (trio makes them non-blocking while we run and
+    restores their mode when they are closed).
+    """
+    stderr = FdStream(os.dup(2))
+    if args.use_stdin_socket:
+        both = trio.SocketStream(trio.socket.from_stdlib_socket(socket.socket(fileno=os.dup(0))))
+        streams: list[trio.abc.AsyncResource] = [both, stderr]
+        source: trio.abc.ReceiveStream = both
+        output = LocalOutput(both, socket_stream=True)
+    else:
+        stdin, stdout = FdStream(os.dup(0)), FdStream(os.dup(1))
+        streams = [stdin, stdout, stderr]
+        source, output = stdin, LocalOutput(stdout, socket_stream=False)
     try:
-        os.execve(program, [os.path.basename(argv[0]), *argv[1:]], env)
-    except OSError as exc:
-        message = f"qrexec-client-vm: cannot run {argv[0]}: {exc.strerror}\n"
-        os.write(int(env.get("SAVED_FD_2", "2")), message.encode())
-        os._exit(EXIT_LOCAL_ERROR)
+        yield source, output, stderr
+    finally:
+        with trio.CancelScope(shield=True):
+            for stream in streams:
+                await stream.aclose()
 
 
 # -- R2 without PROG: copy our stdio to the sockets --------------------------------
@@ -257,29 +358,31 @@ def _stream(sock: socket.socket) -> trio.SocketStream:
 async def _copy_input(
     source: trio.abc.ReceiveStream, sink: trio.SocketStream, prefix: bytes
 ) -> None:
-    """stdin -> socket 1 (the call's input), then EOF."""
+    """Our input -> socket 1 (the call's input), then EOF."""
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         if prefix:
             await sink.send_all(prefix)
-        while data := await source.receive_some():
+        while True:
+            try:
+                data = await source.receive_some()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                break
             await sink.send_all(data)
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
         await sink.send_eof()
 
 
-async def _copy_output(
-    source: trio.SocketStream, sink: trio.abc.SendStream, filtered: bool
-) -> None:
-    """socket 0 -> stdout until the agent ends it; a vanished reader just stops getting it."""
-    writable = True
+async def _copy_output(source: trio.SocketStream, sink: LocalOutput, filtered: bool) -> None:
+    """Socket 0 -> our output; at its EOF (the remote stdout ended) the output is closed."""
     with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
         while data := await source.receive_some():
-            if not writable:
-                continue
-            try:
+            if sink.closed:
+                continue  # the reader went away: drop it, as the reference does
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 await sink.send_all(filter_escape_chars(data) if filtered else data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                writable = False
+    await sink.close()
 
 
 async def read_status(
@@ -313,26 +416,133 @@ async def read_status(
                 raise AssertionError(f"unexpected {other!r}")
 
 
+async def _outcome(channel: trio.SocketStream, stderr: trio.abc.SendStream,
+                   filtered: bool) -> int | None:
+    try:
+        return await read_status(channel, stderr, filtered=filtered)
+    except ProtocolError as exc:
+        log.error("the agent broke the status channel", error=str(exc))
+        return None
+
+
 async def r2_copy(
     args: argparse.Namespace, sockets: tuple[socket.socket, socket.socket, socket.socket]
 ) -> int:
     stdin_sock, stdout_sock, status_sock = (_stream(sock) for sock in sockets)
-    async with stdin_sock, stdout_sock, status_sock, local_stdio() as (stdin, stdout, stderr):
+    async with stdin_sock, stdout_sock, status_sock, local_ends(args) as (source, output,
+                                                                          stderr):
         status: int | None = None
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_copy_input, stdin, stdout_sock, _prefix(args))
+            nursery.start_soon(_copy_input, source, stdout_sock, _prefix(args))
             async with trio.open_nursery() as outcome:
-                outcome.start_soon(_copy_output, stdin_sock, stdout, args.filter_stdout)
-                try:
-                    status = await read_status(status_sock, stderr,
-                                               filtered=args.filter_stderr)
-                except ProtocolError as exc:
-                    log.error("the agent broke the status channel", error=str(exc))
-            # Stdin may stay open (a terminal): the call is over regardless.
+                outcome.start_soon(_copy_output, stdin_sock, output, args.filter_stdout)
+                status = await _outcome(status_sock, stderr, args.filter_stderr)
+            # Our input may stay open (a terminal, `sleep 30 |`): the call is over regardless.
             nursery.cancel_scope.cancel()
     if status is None:
         log.warning("the call ended without an exit status")
     return caller_exit_code(status if status is not None else -1, None)
+
+
+# -- PROG (both paths) -----------------------------------------------------------------
+
+
+@dataclass
+class Program:
+    """PROG: its path, and copies of our stdio it finds as SAVED_FD_n.
+
+    The copies are made first thing, so that they get low numbers (a shell's
+    ``>&$SAVED_FD_1`` takes one digit), as the reference's do.
+    """
+
+    path: str
+    argv: list[str]
+    env: dict[str, str]
+    saved: list[int]
+
+    @classmethod
+    def prepare(cls, argv: list[str]) -> Program:
+        path = _resolve_program(argv[0])
+        # SAVED_FD_2 only with PASS_LOCAL_STDERR, set to anything (the reference's rule).
+        fds = (0, 1, 2) if "PASS_LOCAL_STDERR" in os.environ else (0, 1)
+        saved = {fd: os.dup(fd) for fd in fds}
+        env = dict(os.environ, **{f"SAVED_FD_{fd}": str(dup) for fd, dup in saved.items()})
+        return cls(path, argv, env, list(saved.values()))
+
+    def close_saved(self) -> None:
+        for dup in self.saved:
+            os.close(dup)
+        self.saved = []
+
+
+async def _start_program(
+    stack: contextlib.AsyncExitStack, program: Program, *, stdin: int, stdout: int,
+    timeouts: Timeouts,
+) -> trio.Process:
+    """PROG as our child (in ``stack``) on ``stdin``/``stdout``, with our stderr."""
+    try:
+        return await stack.enter_async_context(child_process(
+            [os.path.basename(program.argv[0]), *program.argv[1:]], executable=program.path,
+            timeouts=timeouts, stdin=stdin, stdout=stdout, stderr=None, env=program.env,
+            pass_fds=program.saved,
+        ))
+    except OSError as exc:
+        raise ClientVmError(f"cannot run {program.argv[0]}: {exc.strerror}") from exc
+    finally:
+        program.close_saved()  # PROG has its own copies now
+
+
+class _BlockingStderr(trio.abc.SendStream):
+    """Our fd 2 in blocking mode, written from a thread.
+
+    PROG inherits fd 2; a non-blocking trio stream on it would make PROG's own
+    stderr writes fail with EAGAIN.
+    """
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[await trio.to_thread.run_sync(os.write, 2, view,
+                                                      abandon_on_cancel=True):]
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+async def r2_program(
+    args: argparse.Namespace, program: Program,
+    sockets: tuple[socket.socket, socket.socket, socket.socket], timeouts: Timeouts,
+) -> int:
+    """PROG on sockets 0 and 1 (blocking, as any program expects); we read the status."""
+    stdin_sock, stdout_sock, status_sock = sockets
+    local: int | None = None
+
+    async def run_program() -> None:
+        nonlocal local
+        with stdin_sock, stdout_sock:  # ours are closed once PROG has them
+            prefix = _prefix(args)
+            if prefix:
+                # Before PROG, which writes to the same socket. A refusal closes it.
+                with contextlib.suppress(OSError):
+                    await trio.to_thread.run_sync(stdout_sock.sendall, prefix,
+                                                  abandon_on_cancel=True)
+            async with contextlib.AsyncExitStack() as stack:
+                proc = await _start_program(stack, program, stdin=stdin_sock.fileno(),
+                                            stdout=stdout_sock.fileno(), timeouts=timeouts)
+                stdin_sock.close()
+                stdout_sock.close()
+                local = process_exit_status(await proc.wait())
+
+    channel = _stream(status_sock)
+    async with channel, trio.open_nursery() as nursery:
+        nursery.start_soon(run_program)
+        status = await _outcome(channel, _BlockingStderr(), args.filter_stderr)
+    if status is None:
+        log.warning("the call ended without an exit status")
+    return caller_exit_code(status if status is not None else -1, local)
 
 
 # -- today's trigger socket ----------------------------------------------------------
@@ -379,7 +589,7 @@ async def _ask_agent(
 
 
 async def trigger_call(
-    args: argparse.Namespace, frame: bytes, program: str | None, backend: VchanBackend,
+    args: argparse.Namespace, frame: bytes, program: Program | None, backend: VchanBackend,
     timeouts: Timeouts,
 ) -> int:
     stream, domain, port = await _ask_agent(args.agent_socket, frame, timeouts)
@@ -389,12 +599,13 @@ async def trigger_call(
         link = await open_caller_link(backend, domain, port,
                                       accept_timeout=timeouts.data_vchan_connect,
                                       handshake_timeout=timeouts.handshake,
-                                      ring=args.buffer_size)
+                                      ring=ring_size(args.buffer_size))
         async with link.stream:
             if program is not None:
                 return await _call_with_program(link, args, program, timeouts)
-            async with local_stdio() as (stdin, stdout, stderr):
-                end = _caller_end(args, stdin, stdout, stderr)
+            async with local_ends(args) as (source, output, stderr):
+                end = _caller_end(args, source, output, stderr)
+                end.close_output = output.close
                 status = await call_data(link, end, finish_timeout=timeouts.send_finish)
     return caller_exit_code(status, None)
 
@@ -407,49 +618,17 @@ def _caller_end(
                      filter_stdout=args.filter_stdout, filter_stderr=args.filter_stderr)
 
 
-class _BlockingStderr(trio.abc.SendStream):
-    """Our fd 2 in blocking mode, written from a thread.
-
-    PROG inherits fd 2; a non-blocking trio stream on it would make PROG's own
-    stderr writes fail with EAGAIN.
-    """
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[await trio.to_thread.run_sync(os.write, 2, view):]
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await trio.lowlevel.checkpoint()
-
-    async def aclose(self) -> None:
-        await trio.lowlevel.checkpoint()
-
-
 async def _call_with_program(
-    link: FramedLink, args: argparse.Namespace, program: str, timeouts: Timeouts
+    link: FramedLink, args: argparse.Namespace, program: Program, timeouts: Timeouts
 ) -> int:
     # Socket pairs, as the reference: PROG may rely on shutdown() and friends.
     to_prog, prog_stdin = socket.socketpair()
     from_prog, prog_stdout = socket.socketpair()
     output, source = _stream(to_prog), _stream(from_prog)
-    # As on the R2 path, PROG finds our own stdio again as SAVED_FD_n.
-    saved = {fd: os.dup(fd) for fd in ((0, 1, 2) if "PASS_LOCAL_STDERR" in os.environ
-                                       else (0, 1))}
-    env = dict(os.environ, **{f"SAVED_FD_{fd}": str(dup) for fd, dup in saved.items()})
     async with output, source, contextlib.AsyncExitStack() as stack:
         with prog_stdin, prog_stdout:  # PROG's ends: closed here once it has them
-            try:
-                proc = await stack.enter_async_context(child_process(
-                    [os.path.basename(args.prog[0]), *args.prog[1:]], executable=program,
-                    timeouts=timeouts, stdin=prog_stdin.fileno(), stdout=prog_stdout.fileno(),
-                    stderr=None, env=env, pass_fds=tuple(saved.values()),
-                ))
-            except OSError as exc:
-                raise ClientVmError(f"cannot run {args.prog[0]}: {exc.strerror}") from exc
-            finally:
-                for dup in saved.values():
-                    os.close(dup)  # PROG has its own copies now
+            proc = await _start_program(stack, program, stdin=prog_stdin.fileno(),
+                                        stdout=prog_stdout.fileno(), timeouts=timeouts)
 
         async def end_prog_input() -> None:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
@@ -468,41 +647,63 @@ async def _call_with_program(
 
 
 def _prefix(args: argparse.Namespace) -> bytes:
-    prefix: str = args.prefix_data
+    prefix: str = args.prefix_data or ""
     return prefix.encode("utf-8", "surrogateescape")
+
+
+class _Once(argparse.Action):
+    """An option that may be given once (the reference's ``-p``)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        if getattr(namespace, self.dest) is not None:
+            parser.error(f"{option_string} can only be used once")
+        setattr(namespace, self.dest, values)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qrexec-client-vm",
         description="Call a qrexec service in another qube.",
-        epilog="Exit status: the remote service's (or PROG's), 126 if refused, "
-        "255 if the call died, 1 on local errors.",
+        epilog="Exit status: the remote service's if non-zero, else PROG's; 126 if "
+        "refused, 255 if the call died, 2 on usage errors, 1 on other local errors. "
+        "PASS_LOCAL_STDERR: PROG also gets SAVED_FD_2.",
     )
     parser.add_argument("-a", "--agent-socket", default=DEFAULT_AGENT_SOCKET, metavar="PATH",
                         help=f"the agent's trigger socket (default {DEFAULT_AGENT_SOCKET}); "
-                        "its fdpass socket and FIFO are PATH-fdpass and PATH-fifo")
-    parser.add_argument("--buffer-size", type=_positive_int, default=DATA_RING_SIZE,
-                        metavar="N", help="data vchan ring size, today's path only "
-                        f"(default {DATA_RING_SIZE})")
+                        "its R2 fdpass socket and FIFO, if it has them, are PATH-fdpass "
+                        "and PATH-fifo")
+    parser.add_argument("--buffer-size", default="0", metavar="N",
+                        help="minimum data vchan ring size, trigger-socket path only "
+                        f"(default and 0: {DATA_RING_SIZE}; rounded up to a power of two "
+                        f"from {_RING_MIN} to {_RING_MAX})")
     parser.add_argument("-t", "--filter-escape-chars-stdout", dest="filter_stdout",
                         action="store_true", default=None,
                         help="replace escape characters in remote stdout "
                         "(default: when stdout is a terminal and there is no PROG)")
     parser.add_argument("--no-filter-escape-chars-stdout", dest="filter_stdout",
-                        action="store_false")
+                        action="store_false", help="opposite of -t")
     parser.add_argument("-T", "--filter-escape-chars-stderr", dest="filter_stderr",
                         action="store_true", default=None,
                         help="replace escape characters in remote stderr "
                         "(default: when stderr is a terminal)")
     parser.add_argument("--no-filter-escape-chars-stderr", dest="filter_stderr",
-                        action="store_false")
-    parser.add_argument("-p", "--prefix-data", default="", metavar="DATA",
-                        help="send DATA before stdin")
+                        action="store_false", help="opposite of -T")
+    parser.add_argument("-p", "--prefix-data", action=_Once, default=None, metavar="DATA",
+                        help="send DATA before stdin (once)")
+    parser.add_argument("--use-stdin-socket", action="count", default=0,
+                        help="stdin is a stream socket carrying both directions "
+                        "(remote stdout goes back into it); not with PROG")
     parser.add_argument("-s", "--source-qube", metavar="NAME",
-                        help="ask for the call on behalf of qube NAME (uses the trigger socket)")
-    parser.add_argument("--use-trigger-socket", action="store_true",
-                        help="use today's trigger socket instead of the R2 fdpass path")
+                        help="ask for the call on behalf of qube NAME (trigger socket only; "
+                        "not in the reference)")
+    paths = parser.add_mutually_exclusive_group()
+    paths.add_argument("--use-trigger-socket", action="store_true",
+                       help="always use the agent's trigger socket PATH, as today's "
+                       "reference does (default: when the agent has no R2 fdpass socket)")
+    paths.add_argument("--use-r2-fdpass", action="store_true",
+                       help="always use the R2 fdpass socket and FIFO (default: when the "
+                       "agent has them and the request fits the R2 record)")
     add_logging_options(parser, default="warning")
     parser.add_argument("target", metavar="TARGET", help="the qube to call ('' = @default)")
     parser.add_argument("service", metavar="SERVICE[+ARG]", help="the service to call")
@@ -511,11 +712,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+def parse_buffer_size(text: str) -> int:
+    """As the reference: a C integer (decimal, 0x hex, 0 octal) starting with a digit,
+    at most INT_MAX; 0 is the default. Raises :class:`ClientVmError`."""
+    if not text[:1].isdigit():
+        raise ClientVmError("Bad buffer size: does not begin with a number")
+    if _C_INTEGER.fullmatch(text) is None:
+        raise ClientVmError("Bad buffer size: trailing junk")
+    value = int(text, 16) if text[1:2] in ("x", "X") else int(text, 8 if text[0] == "0" else 10)
+    if value > _INT_MAX:
+        raise ClientVmError(f"Bad buffer size: {text} is out of range")
     return value
+
+
+def ring_size(buffer_size: int) -> int:
+    """The ring for a requested minimum: a power of two every backend takes."""
+    if buffer_size == 0:
+        return DATA_RING_SIZE
+    size = _RING_MIN
+    while size < min(buffer_size, _RING_MAX):
+        size <<= 1
+    return size
 
 
 def _options_end(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[str]:
@@ -545,6 +762,22 @@ def _options_end(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[s
     return out
 
 
+def _check_stdin_socket(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.use_stdin_socket > 1:
+        parser.error("--use-stdin-socket passed twice")
+    if args.prog:
+        parser.error("cannot spawn a local process with --use-stdin-socket")
+    try:
+        kind = socket.socket(fileno=os.dup(0))
+    except OSError as exc:
+        if exc.errno == errno.ENOTSOCK:
+            parser.error("--use-stdin-socket passed, but stdin not a socket")
+        parser.error(f"--use-stdin-socket: {exc.strerror}")
+    with kind:
+        if kind.type != socket.SOCK_STREAM:
+            parser.error(f"stdin is a socket of type {int(kind.type)}, not SOCK_STREAM")
+
+
 def _default_filters(args: argparse.Namespace) -> None:
     if args.filter_stdout is None:
         args.filter_stdout = not args.prog and os.isatty(1)
@@ -561,13 +794,15 @@ def run(args: argparse.Namespace, timeouts: Timeouts) -> int:
     except ProtocolError as exc:
         raise ClientVmError(f"invalid request: {exc}") from exc
     # Resolved before anything is asked of dom0.
-    program = _resolve_program(args.prog[0]) if args.prog else None
-    if _wants_trigger_socket(args, target, service):
+    program = Program.prepare(args.prog) if args.prog else None
+    path = choose_path(args, target, service)
+    log.debug("request path chosen", path=path)
+    if path == TRIGGER:
         backend = get_backend(send_finish=timeouts.send_finish)
         return run_until_signal(lambda: trigger_call(args, frame, program, backend, timeouts))
     sockets = r2_request(args.agent_socket, service, target, timeouts)
     if program is not None:
-        exec_program(program, args.prog, sockets, _prefix(args), timeouts)
+        return run_until_signal(lambda: r2_program(args, program, sockets, timeouts))
     return run_until_signal(lambda: r2_copy(args, sockets))
 
 
@@ -575,8 +810,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(_options_end(parser, sys.argv[1:] if argv is None else argv))
     setup_logging(args, "qrexec-client-vm")
+    if args.use_stdin_socket:
+        _check_stdin_socket(parser, args)
     _default_filters(args)
     try:
+        args.buffer_size = parse_buffer_size(args.buffer_size)
         return run(args, Timeouts.from_env())
     except Refused:
         print("Request refused", file=sys.stderr)

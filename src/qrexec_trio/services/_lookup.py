@@ -1,15 +1,17 @@
 """Finding a service handler (wire-protocol.md §12).
 
 For each directory of the service path, ``SVC+ARG`` is looked up; only if no
-directory has it, ``SVC``. A handler is an executable file or a unix socket
-(a socket service); anything else is a problem (exit 125), and no handler at
-all is "not found" (exit 127).
+directory has it, ``SVC``. A handler is an executable file, a unix socket (a
+socket service) or a symlink to ``/dev/tcp[/HOST[/PORT]]`` (a TCP service:
+the link is read, never followed, as no such file exists); anything else is a
+problem (exit 125), and no handler at all is "not found" (exit 127).
 """
 
 from __future__ import annotations
 
 import enum
 import errno
+import ipaddress
 import os
 import stat
 from collections.abc import Mapping, Sequence
@@ -34,6 +36,8 @@ class LaunchError(QrexecError):
 class ServiceKind(enum.Enum):
     EXECUTABLE = "executable"
     SOCKET = "socket"
+    #: A symlink to ``/dev/tcp``, ``/dev/tcp/HOST`` or ``/dev/tcp/HOST/PORT``.
+    TCP = "tcp"
     #: An R2-style handler: a non-executable file run with /bin/sh (multiplexer only).
     SCRIPT = "script"
 
@@ -42,6 +46,93 @@ class ServiceKind(enum.Enum):
 class FoundService:
     path: str
     kind: ServiceKind
+    #: TCP services: the symlink's target (``/dev/tcp...``).
+    link: str | None = None
+
+
+#: The prefix a symlink's target has when the service is a TCP connection.
+DEV_TCP: Final = "/dev/tcp"
+
+
+def _tcp_link(path: str) -> str | None:
+    """The target of ``path`` if it is a symlink to ``/dev/tcp[/...]``, else ``None``."""
+    try:
+        target = os.readlink(path)
+    except OSError:
+        return None  # not a symlink (or gone): the ordinary stat() decides
+    if target == DEV_TCP or target.startswith(DEV_TCP + "/"):
+        return target
+    return None
+
+
+def _numeric_host(host: str, service: str) -> str:
+    """``host`` as a numeric IPv4 or IPv6 address (``[v6]`` accepted); else 125."""
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        address = ipaddress.ip_address(bare)
+    except ValueError:
+        raise LaunchError(
+            ExitStatus.PROBLEM, f"invalid host {host!r} for TCP service {service}"
+        ) from None
+    if bare is not host and address.version != 6:
+        raise LaunchError(
+            ExitStatus.PROBLEM, f"invalid host {host!r} for TCP service {service}"
+        )
+    return bare
+
+
+def _port(text: str, service: str) -> int:
+    """A decimal port, 1 to 65535, without leading zeros (as the reference checks)."""
+    if not (text.isascii() and text.isdigit()) or text[0] == "0" or int(text) > 65535:
+        raise LaunchError(ExitStatus.PROBLEM, f"invalid port {text!r} for TCP service {service}")
+    return int(text)
+
+
+def tcp_address(link: str, argument: str | None) -> tuple[str, int]:
+    """Host and port of a TCP service from its symlink target and the call's argument.
+
+    * ``/dev/tcp/HOST/PORT``: the argument must be empty;
+    * ``/dev/tcp/HOST``: the argument is the port;
+    * ``/dev/tcp``: the argument is ``HOST+PORT``, split at its last ``+``,
+      with ``:`` of an IPv6 host written as ``+`` (``_`` is refused).
+
+    The host is a numeric IPv4 or IPv6 address (an IPv6 one may be written
+    in brackets in the link). Anything else raises :class:`LaunchError` (125).
+    """
+    rest = link[len(DEV_TCP):]
+    if rest == "/":
+        raise LaunchError(ExitStatus.PROBLEM, f"{link} not followed by host")
+    host: str | None = None
+    port: str | None = None
+    if rest:
+        host, slash, tail = rest[1:].partition("/")
+        if slash:
+            port = tail
+    where = DEV_TCP + (f"/{host}" if host is not None else "")
+    if port is not None:
+        if argument:
+            raise LaunchError(
+                ExitStatus.PROBLEM, f"Unexpected argument {argument} to service {where}"
+            )
+    elif not argument:
+        raise LaunchError(
+            ExitStatus.PROBLEM, f"No or empty argument provided, cannot connect to {where}"
+        )
+    elif host is None:
+        encoded, plus, port = argument.rpartition("+")
+        if not plus:
+            raise LaunchError(
+                ExitStatus.PROBLEM, f"No port provided, cannot connect to {argument}"
+            )
+        if "_" in encoded:
+            raise LaunchError(
+                ExitStatus.PROBLEM, f"Underscore not allowed in hostname {encoded}"
+            )
+        host = encoded.replace("+", ":")
+    else:
+        port = argument
+    assert host is not None and port is not None
+    return _numeric_host(host, where), _port(port, where)
 
 
 def service_path(environ: Mapping[str, str] | None = None) -> list[str]:
@@ -75,6 +166,9 @@ def find_service(
             continue
         for directory in directories:
             path = os.path.join(directory, name)
+            link = _tcp_link(path)
+            if link is not None:
+                return FoundService(path, ServiceKind.TCP, link)
             try:
                 info = os.stat(path)
             except OSError as exc:

@@ -1,7 +1,7 @@
 """Turning a parsed cmdline into a plan for running it.
 
-A plan is plain data: the argv, environment and identity of a program, or the
-path and descriptor of a socket service. Making the plan decides everything
+A plan is plain data: the argv, environment and identity of a program, or
+where a socket or TCP service listens and what it is sent first. Making the plan decides everything
 that can fail early (unknown user, service not found, not executable) so that
 the caller can report the right exit code without starting anything.
 """
@@ -15,7 +15,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..protocol import Cmdline, ExitStatus, RpcCall, ShellCommand
-from ._lookup import LaunchError, ServiceKind, find_service
+from ._lookup import LaunchError, ServiceKind, find_service, tcp_address
+from ._service_config import DEFAULT_CONFIG, ServiceConfig
 
 # Environment variables a service may inherit from the agent's QREXEC_* set.
 _KEPT_QREXEC_VARS = frozenset({"QREXEC_SERVICE_PATH", "QREXEC_AGENT_PID"})
@@ -46,13 +47,41 @@ class ProgramPlan:
 
 @dataclass(frozen=True, slots=True)
 class SocketPlan:
+    """A unix-socket service: connect to ``path``."""
+
     path: str
-    #: Sent to the socket first: the descriptor line and a NUL.
+    #: Sent to the socket first: the cmdline after ``QUBESRPC `` and a NUL;
+    #: empty with ``skip-service-descriptor``.
     descriptor: bytes
     what: str = ""
+    #: ``exit-on-service-eof``: the call ends once the service's output ends.
+    exit_on_service_eof: bool = False
+    #: ``exit-on-client-eof``: the call ends once the caller's input ends.
+    exit_on_client_eof: bool = False
 
 
-Plan = ProgramPlan | SocketPlan
+@dataclass(frozen=True, slots=True)
+class TcpPlan:
+    """A TCP service (a symlink to ``/dev/tcp/...``): connect to ``host``:``port``."""
+
+    #: A numeric IPv4 or IPv6 address (no brackets).
+    host: str
+    port: int
+    #: As for :class:`SocketPlan`.
+    descriptor: bytes
+    what: str = ""
+    exit_on_service_eof: bool = False
+    exit_on_client_eof: bool = False
+    #: The service file (the symlink), for logs.
+    path: str = ""
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+#: What the agent runs: a program, or a connection to a socket or TCP service.
+Plan = ProgramPlan | SocketPlan | TcpPlan
 
 #: The call's id in a service's environment (see ``nursery.call_id``), so that
 #: a service's own logs can carry it too.
@@ -118,12 +147,16 @@ class Runner:
         env.update(extra)
         return env
 
-    def plan(self, cmdline: Cmdline) -> Plan:
-        """Decide how to run ``cmdline``; raises :class:`LaunchError` (125 / 127)."""
+    def plan(self, cmdline: Cmdline, config: ServiceConfig = DEFAULT_CONFIG) -> Plan:
+        """Decide how to run ``cmdline``; raises :class:`LaunchError` (125 / 127).
+
+        ``config`` is the service's rpc-config; only socket and TCP services
+        use its ``skip-service-descriptor`` and ``exit-on-*`` keys.
+        """
         identity = self.identity_for(cmdline.user)
         if isinstance(cmdline.command, ShellCommand):
             return self._plan_shell(cmdline.command, identity)
-        return self.plan_rpc(cmdline.command, identity)
+        return self.plan_rpc(cmdline.command, identity, config)
 
     def _plan_shell(self, command: ShellCommand, identity: Identity) -> ProgramPlan:
         env = self.environment(identity, {})
@@ -141,11 +174,31 @@ class Runner:
             what="shell command",
         )
 
-    def plan_rpc(self, call: RpcCall, identity: Identity) -> Plan:
+    def plan_rpc(
+        self, call: RpcCall, identity: Identity, config: ServiceConfig = DEFAULT_CONFIG
+    ) -> Plan:
         found = find_service(call, self.directories, allow_scripts=self.allow_scripts)
+        # The reference sends the cmdline after "QUBESRPC " unchanged: no "+"
+        # added when there is no argument, and the argument kept even when it
+        # is a TCP service's port.
+        descriptor = (
+            b"" if config.skip_service_descriptor
+            else call.text.encode("utf-8", "surrogateescape") + b"\0"
+        )
         if found.kind is ServiceKind.SOCKET:
             return SocketPlan(
-                found.path, call.text.encode("utf-8", "surrogateescape") + b"\0", call.descriptor
+                found.path, descriptor, call.descriptor,
+                exit_on_service_eof=config.exit_on_service_eof,
+                exit_on_client_eof=config.exit_on_client_eof,
+            )
+        if found.kind is ServiceKind.TCP:
+            assert found.link is not None
+            host, port = tcp_address(found.link, call.argument)
+            return TcpPlan(
+                host, port, descriptor, call.descriptor,
+                exit_on_service_eof=config.exit_on_service_eof,
+                exit_on_client_eof=config.exit_on_client_eof,
+                path=found.path,
             )
         extra = {
             "QREXEC_SERVICE_FULL_NAME": call.descriptor,
