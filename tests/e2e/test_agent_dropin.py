@@ -23,6 +23,14 @@ def _tree(root: Path) -> set[str]:
 def test_the_reference_command_line_suffices_for_an_unprivileged_agent(host: Host) -> None:
     """`qrexec-agent --agent-socket=PATH`, run as nobody, with only PATH's directory
     (and the vchan directory, which stands in for Xen) writable."""
+    reachable = subprocess.run(
+        ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+         program("qrexec-agent"), "--help"], capture_output=True, check=False)
+    if reachable.returncode != 0:
+        # The checkout itself is out of nobody's reach (e.g. under a 0700
+        # directory): an environment limit, not the agent's. CI's fresh-clone
+        # run makes its checkout readable, so it runs there.
+        pytest.skip(f"nobody cannot run this checkout's programs: {reachable.stderr[-200:]!r}")
     vm = host.add_vm("vm9", 49, user="nobody")
     host.root.chmod(0o711)  # nobody may pass through the test's directory, nothing more
     home = host.root / "agent-home"
