@@ -38,6 +38,15 @@ def remove_stale(path: str, is_kind: Callable[[int], bool] = stat.S_ISSOCK) -> N
             os.unlink(path)
 
 
+def has_kind(path: str, is_kind: Callable[[int], bool] = stat.S_ISSOCK, *,
+             follow_symlinks: bool = False) -> bool:
+    """Whether ``path`` exists and is of the kind ``is_kind`` tests (a socket by default)."""
+    try:
+        return is_kind(os.stat(path, follow_symlinks=follow_symlinks).st_mode)
+    except OSError:
+        return False
+
+
 def unlink_if_same(path: str, inode: int) -> None:
     """Unlink ``path`` if it still names the file with ``inode``."""
     with contextlib.suppress(OSError):

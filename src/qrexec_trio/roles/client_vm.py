@@ -67,6 +67,7 @@ from trio.lowlevel import FdStream
 from .._config import Timeouts
 from .._errors import QrexecError
 from .._logging import get_logger
+from .._sockets import has_kind
 from ..nursery import (
     CallerEnd,
     FramedLink,
@@ -139,17 +140,10 @@ def trigger_frame(source: bytes, target: bytes, service: bytes, ident: bytes) ->
     return TriggerService(4, source, target, ident, service).encode()
 
 
-def _is(path: str, kind: Any) -> bool:
-    try:
-        return bool(kind(os.stat(path).st_mode))
-    except OSError:
-        return False
-
-
 def r2_offered(agent_socket: str) -> bool:
     """Whether the agent at ``agent_socket`` has the R2 fdpass socket and FIFO beside it."""
-    return (_is(fdpass_path(agent_socket), stat.S_ISSOCK)
-            and _is(fifo_path(agent_socket), stat.S_ISFIFO))
+    return (has_kind(fdpass_path(agent_socket), follow_symlinks=True)
+            and has_kind(fifo_path(agent_socket), stat.S_ISFIFO, follow_symlinks=True))
 
 
 def r2_unusable(args: argparse.Namespace, target: bytes, service: bytes) -> str | None:

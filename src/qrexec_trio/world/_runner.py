@@ -14,7 +14,6 @@ import functools
 import json
 import os
 import shutil
-import stat
 from pathlib import Path
 
 import trio
@@ -22,6 +21,7 @@ import trio
 from .._config import Timeouts
 from .._errors import QrexecError
 from .._logging import get_logger
+from .._sockets import has_kind
 from ..domains import Domain, serve_admin
 from ..nursery import gathering_methods
 from ..xen._registry import LOCAL_DEFAULT
@@ -155,11 +155,4 @@ def _control_sockets(domains: LocalDomains) -> dict[str, str]:
         sockets[str(daemon)] = f"qrexec-daemon:{vm.name}"
         for path in vm.runtime_dir.glob("*-control"):
             sockets[str(path)] = f"qrexec-agent:{vm.name}"
-    return {path: owner for path, owner in sockets.items() if _is_socket(path)}
-
-
-def _is_socket(path: str) -> bool:
-    try:
-        return stat.S_ISSOCK(os.lstat(path).st_mode)
-    except OSError:
-        return False
+    return {path: owner for path, owner in sockets.items() if has_kind(path)}

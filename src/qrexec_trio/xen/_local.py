@@ -40,13 +40,6 @@ def claim_socket_path(path: str) -> None:
     os.unlink(path)
 
 
-def remove_socket(path: str) -> None:
-    """Withdraw our offer (the directory is shared: only a socket is removed)."""
-    try:
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 async def poll_until_offered(attempt: Callable[[], Awaitable[T | None]], *, timeout: float,

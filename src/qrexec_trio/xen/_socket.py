@@ -18,8 +18,9 @@ from typing import Final, final
 
 import trio
 
+from .._sockets import remove_stale
 from ._interface import Vchan, VchanConnectTimeout, VchanError, VchanListener
-from ._local import LocalBackend, claim_socket_path, poll_until_offered, remove_socket
+from ._local import LocalBackend, claim_socket_path, poll_until_offered
 
 # What buffer_space() reports: the chunk limit of the protocol, since a
 # socket has no ring whose free space we could read.
@@ -147,7 +148,8 @@ class SocketVchanListener(VchanListener):
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-            remove_socket(self._path)
+            # Withdraw our offer; the directory is shared: only a socket goes.
+            remove_stale(self._path)
         await trio.lowlevel.checkpoint()
 
 
