@@ -44,38 +44,45 @@ class FakeSourceAgent:
         self.control.send(TRIGGER_SERVICE4,
                           trigger_payload(target.encode(), service.encode(), ident))
 
-    def expect_connect(self, ident: bytes = b"SOCKET13") -> int:
+    def expect_connect(self, ident: bytes = b"SOCKET13", domain: int = 0) -> int:
+        """The daemon's MSG_SERVICE_CONNECT: serve the data vchan towards ``domain``."""
         answer = self.control.receive()
         assert answer is not None, "the daemon closed the control link"
         assert answer[0] == SERVICE_CONNECT, f"expected SERVICE_CONNECT, got {answer}"
-        domain, port = struct.unpack("<II", answer[1][:8])
-        assert domain == 0 and answer[1][8:] == ident.ljust(32, b"\0")
+        got_domain, port = struct.unpack("<II", answer[1][:8])
+        assert got_domain == domain and answer[1][8:] == ident.ljust(32, b"\0")
         return port
 
     def expect_refused(self, ident: bytes = b"SOCKET13") -> None:
         assert self.control.receive() == (SERVICE_REFUSED, ident.ljust(32, b"\0"))
 
-    def offer_data_vchan(self, port: int) -> socket.socket:
-        """client-vm's part: the data vchan server, towards dom0."""
-        return listen_unix(self.host.vchan_dir / f"vchan.{self.domid}.0.{port}.sock")
+    def offer_data_vchan(self, port: int, peer: int = 0) -> socket.socket:
+        """client-vm's part: the data vchan server, towards dom0 (or the ``peer`` VM)."""
+        return listen_unix(self.host.vchan_dir / f"vchan.{self.domid}.{peer}.{port}.sock")
 
-    def call(self, port: int, stdin: bytes) -> list[tuple[int, bytes]]:
-        """Play client-vm through a whole call; returns what dom0 sent."""
-        listener = self.offer_data_vchan(port)
+    def call(self, port: int, stdin: bytes, peer: int = 0) -> list[tuple[int, bytes]]:
+        """Play client-vm through a whole call; returns what its peer sent."""
+        listener = self.offer_data_vchan(port, peer)
         data = Peer(listener.accept()[0])
         listener.close()
         data.send(HELLO, struct.pack("<I", 4))
         if stdin:
             data.send(DATA_STDIN, stdin)
         data.send(DATA_STDIN, b"")
-        got = []
-        while (message := data.receive()) is not None:
-            got.append(message)
-            if message[0] == DATA_EXIT_CODE:
-                break
+        got = receive_until_exit_code(data)
         data.close()
-        self.control.send(CONNECTION_TERMINATED, struct.pack("<II", 0, port))
+        self.control.send(CONNECTION_TERMINATED, struct.pack("<II", peer, port))
         return got
+
+
+def receive_until_exit_code(data: Peer) -> list[tuple[int, bytes]]:
+    """What the service side sends on a data vchan, up to its exit code (or EOF)."""
+    got = []
+    while (message := data.receive()) is not None:
+        got.append(message)
+        if message[0] == DATA_EXIT_CODE:
+            break
+    return got
 
 
 def _stream(got: list[tuple[int, bytes]], msg_type: int) -> bytes:
@@ -111,7 +118,7 @@ def test_vm_to_vm_call_is_glued_through_dom0(host: Host) -> None:
     assert running["what"] == "test.Echo+arg" and running["domain"] == 0
 
 
-def test_vm_to_dom0_call_runs_the_service_through_the_multiplexer(host: Host) -> None:
+def test_vm_to_dom0_call_runs_the_dom0_service(host: Host) -> None:
     (host.dom0_services / "test.Echo").write_text(ECHO)
     (host.dom0_services / "test.Echo").chmod(0o755)
     host.set_policy("test.Echo * vm1 dom0 allow\n")
@@ -313,7 +320,8 @@ def test_qrexec_client_c_answers_a_pending_request(host: Host) -> None:
         [program("qrexec-client"), "--socket-dir", str(host.socket_dir), "-d", "vm2",
          "-c", "REQ1,vm1,42", f"{vm2.user}:QUBESRPC test.Echo+c vm1"],
         env=host.env(0), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    got = vm1.call(vm1.expect_connect(b"REQ1"), b"via -c\n")
+    # As the reference: vm2's agent connects straight to vm1 (no glue in dom0).
+    got = vm1.call(vm1.expect_connect(b"REQ1", domain=43), b"via -c\n", peer=43)
     _check_call(got, b"arg=c src=vm1\nvia -c\n")
     _, err = client.communicate(timeout=30)
     assert client.returncode == 0, err

@@ -365,29 +365,41 @@ def test_short_port_reply_rejected(size: int) -> None:
 # -- SERVICE_CONNECT, SERVICE_REFUSED --------------------------------------------------------
 
 
-@pytest.mark.parametrize("direction", [D.DAEMON_TO_AGENT, D.CLIENT_TO_DAEMON])
 @relaxed
 @given(domain=U32, port=U32, ident=idents)
-def test_every_truncated_or_extended_service_connect_rejected(
-    direction: Direction, domain: int, port: int, ident: bytes
+def test_every_truncated_or_extended_service_connect_to_the_agent_rejected(
+    domain: int, port: int, ident: bytes
 ) -> None:
+    # The agent takes the 32-byte form only (a client's forms: below).
     msg_type, payload = split(ServiceConnect(domain, port, ident).encode())
     for cut in [*(payload[:n] for n in range(len(payload))), payload + b"\0"]:
-        error = refused(direction, msg_type, cut)
+        error = refused(D.DAEMON_TO_AGENT, msg_type, cut)
         assert error.field == ("payload" if len(cut) < 8 else "request_id")
 
 
 @pytest.mark.parametrize(
     "raw",
-    [b"a" * 32, b"SOCKET13\0x" + bytes(22), b"SOCKET13" + bytes(23) + b"\x01",
-     b"SOCK/13".ljust(32, b"\0"), b"SOCK\xff".ljust(32, b"\0")],
-    ids=["no-nul", "garbage-after-nul", "last-byte", "slash", "high-byte"],
+    [b"a" * 32, b"SOCKET13" + bytes(23) + b"\x01", b"SOCK/13".ljust(32, b"\0"),
+     b"SOCK\xff".ljust(32, b"\0")],
+    ids=["no-nul", "last-byte", "slash", "high-byte"],
 )
 def test_bad_request_id_rejected(raw: bytes) -> None:
-    for direction in (D.DAEMON_TO_AGENT, D.CLIENT_TO_DAEMON):
-        assert refused(direction, T.SERVICE_CONNECT, bytes(8) + raw).field == "request_id"
+    assert refused(D.DAEMON_TO_AGENT, T.SERVICE_CONNECT, bytes(8) + raw).field == "request_id"
+    # From a client, the id is the C string: the payload's last byte must be its NUL.
+    error = refused(D.CLIENT_TO_DAEMON, T.SERVICE_CONNECT, bytes(8) + raw)
+    assert error.field == ("service_params" if raw[-1] else "request_id")
     for direction in (D.DAEMON_TO_AGENT, D.AGENT_TO_CLIENT_VM):
         assert refused(direction, T.SERVICE_REFUSED, raw).field == "request_id"
+
+
+def test_request_id_with_garbage_after_its_nul() -> None:
+    raw = b"SOCKET13\0x" + bytes(22)
+    # Refused on the agent's link, where every byte after the NUL must be NUL...
+    assert refused(D.DAEMON_TO_AGENT, T.SERVICE_CONNECT, bytes(8) + raw).field == "request_id"
+    assert refused(D.DAEMON_TO_AGENT, T.SERVICE_REFUSED, raw).field == "request_id"
+    # ...but from a client the reference daemon never looks past the NUL.
+    event = decode_event(D.CLIENT_TO_DAEMON, T.SERVICE_CONNECT, bytes(8) + raw)
+    assert event == ServiceConnect(0, 0, b"SOCKET13", raw)
 
 
 @pytest.mark.parametrize("size", [0, 31, 33])
@@ -412,6 +424,170 @@ def test_refusal_by_a_raw_request_id_sends_it_unchanged() -> None:
         with pytest.raises(LocalProtocolError) as error:
             ServiceRefused(b"", raw_request_id=bytes(size)).encode()
         assert error.value.field == "request_id"
+
+
+# -- what a client may send its daemon (wire-protocol.md §7.1, §7.3, §7.4) ---------------------
+#
+# The reference daemon (handle_cmdline_body_from_client) has one length rule for all three
+# requests, 8 < len <= 65535 with the last byte a NUL, and compares a SERVICE_CONNECT's bytes
+# after exec_params with its pending ids by strncmp: the id is the C string there.
+
+CLIENT_REQUESTS = [T.EXEC_CMDLINE, T.JUST_EXEC, T.SERVICE_CONNECT]
+
+
+def read_one(direction: Direction, frame: bytes) -> Event | None:
+    """``frame`` through a reader past its HELLO, as the role reads it."""
+    reader = MessageReader(direction, version=3)
+    reader.feed(frame)
+    return reader.next_event()
+
+
+def test_client_service_connect_long_form() -> None:
+    payload = struct.pack("<II", 0, 0) + b"SOCKET13".ljust(32, b"\0")
+    frame = struct.pack("<II", 0x202, 40) + payload
+    event = read_one(D.CLIENT_TO_DAEMON, frame)
+    assert event == ServiceConnect(0, 0, b"SOCKET13")
+    assert event.raw_request_id is None
+    assert event.encode() == frame
+
+
+def test_client_service_connect_short_form() -> None:
+    # What a client that sends only the id and its NUL puts on the wire: 8 + 9 bytes.
+    payload = struct.pack("<II", 0, 0) + b"SOCKET13\0"
+    frame = struct.pack("<II", 0x202, 17) + payload
+    event = read_one(D.CLIENT_TO_DAEMON, frame)
+    assert isinstance(event, ServiceConnect)
+    assert (event.connect_domain, event.connect_port, event.request_id) == (0, 0, b"SOCKET13")
+    # It encodes back to exactly what was read...
+    assert event.raw_request_id == b"SOCKET13\0"
+    assert event.encode() == frame
+    # ...and what the daemon forwards, built from request_id, is the 40-byte form.
+    forward = ServiceConnect(event.connect_domain, 513, event.request_id)
+    assert forward.encode() == struct.pack("<IIII", 0x202, 40, 0, 513) + b"SOCKET13".ljust(
+        32, b"\0")
+    assert decode_event(D.DAEMON_TO_AGENT, T.SERVICE_CONNECT, forward.encode()[8:]) == forward
+
+
+@relaxed
+@given(domain=U32, port=U32, ident=idents,
+       tail=st.binary(max_size=80).map(lambda b: b + b"\0"), pad=st.integers(0, 40))
+def test_client_service_connect_id_is_the_c_string(
+    domain: int, port: int, ident: bytes, tail: bytes, pad: int
+) -> None:
+    """Whatever follows the id's first NUL (padding, garbage, nothing) is not the id."""
+    raw = ident + b"\0" * (1 + pad) + (tail if pad % 2 else b"")
+    payload = struct.pack("<II", domain, port) + raw
+    event = decode_event(D.CLIENT_TO_DAEMON, T.SERVICE_CONNECT, payload)
+    assert isinstance(event, ServiceConnect)
+    assert (event.connect_domain, event.connect_port, event.request_id) == (domain, port, ident)
+    assert event.encode()[8:] == payload
+    assert event.raw_request_id == (None if raw == ident.ljust(32, b"\0") else raw)
+
+
+@pytest.mark.parametrize("msg_type", CLIENT_REQUESTS)
+def test_client_request_length_rules(msg_type: int) -> None:
+    def frame(length: int, last: bytes = b"\0") -> bytes:
+        return struct.pack("<II", msg_type, length) + bytes(8) + b"x" * (length - 9) + last
+
+    def reads(data: bytes) -> Event | None:
+        return read_one(D.CLIENT_TO_DAEMON, data)
+
+    assert payload_bounds(D.CLIENT_TO_DAEMON, msg_type, 3) == (9, MAX_QREXEC_CMD_LEN)
+    # len 8: exec_params alone, refused from the header.
+    with pytest.raises(RemoteProtocolError) as error:
+        reads(struct.pack("<II", msg_type, 8) + bytes(8))
+    assert error.value.field == "header.len"
+    # len 9: exec_params and the NUL.
+    nine = reads(frame(9))
+    assert nine is not None and nine.msg_type == msg_type
+    assert nine.encode() == frame(9)
+    # 65535, the whole payload at MAX_QREXEC_CMD_LEN: accepted.
+    longest = reads(frame(MAX_QREXEC_CMD_LEN)) if msg_type != T.SERVICE_CONNECT else reads(
+        struct.pack("<II", msg_type, MAX_QREXEC_CMD_LEN) + bytes(8) + b"SOCKET1"
+        + bytes(MAX_QREXEC_CMD_LEN - 15))
+    assert longest is not None and len(longest.encode()) == 8 + MAX_QREXEC_CMD_LEN
+    # 65536: refused from the header, before the payload is buffered.
+    with pytest.raises(RemoteProtocolError) as error:
+        reads(struct.pack("<II", msg_type, MAX_QREXEC_CMD_LEN + 1))
+    assert error.value.field == "header.len"
+    # The last byte not a NUL: that message refused, the stream still in step.
+    reader = MessageReader(D.CLIENT_TO_DAEMON, version=3)
+    reader.feed(frame(20, last=b"x") + frame(9))
+    with pytest.raises(UndecodableMessage) as bad:
+        reader.next_event()
+    assert bad.value.msg_type == msg_type and bad.value.rule == "not NUL-terminated"
+    assert bad.value.field == ("service_params" if msg_type == T.SERVICE_CONNECT
+                               else "exec_params.cmdline")
+    assert bad.value.raw_request_id is None
+    assert reader.next_event() == nine
+
+
+def test_client_service_connect_at_the_limits() -> None:
+    # The empty id (len 9): as valid as in the reference, which would match it with
+    # an empty pending id; an agent never makes one.
+    assert decode_event(D.CLIENT_TO_DAEMON, T.SERVICE_CONNECT, bytes(9)) == ServiceConnect(
+        0, 0, b"", b"\0")
+    longest = bytes(8) + b"SOCKET1".ljust(MAX_QREXEC_CMD_LEN - 8, b"\0")
+    event = decode_event(D.CLIENT_TO_DAEMON, T.SERVICE_CONNECT, longest)
+    assert isinstance(event, ServiceConnect) and event.request_id == b"SOCKET1"
+    assert event.encode()[8:] == longest
+    # Decoded alone (no reader), one byte more is refused too.
+    assert refused(D.CLIENT_TO_DAEMON, T.SERVICE_CONNECT, longest + b"\0").field == "header.len"
+    for short in (b"", bytes(4), bytes(8)):
+        assert refused(D.CLIENT_TO_DAEMON, T.SERVICE_CONNECT, short).field == "service_params"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"A" * 32 + b"\0", b"A" * 100 + b"\0", b"SOCK/13\0", b"SOCK\xff\0"],
+    ids=["32-bytes", "100-bytes", "slash", "high-byte"],
+)
+def test_client_service_connect_for_an_id_no_request_can_have(raw: bytes) -> None:
+    """Longer than 31 bytes or outside the id alphabet: never pending, so refused here,
+    one message only (the daemon logs it as not pending)."""
+    reader = MessageReader(D.CLIENT_TO_DAEMON, version=3)
+    good = ServiceConnect(0, 0, b"SOCKET1")
+    reader.feed(struct.pack("<II", 0x202, 8 + len(raw)) + bytes(8) + raw + good.encode())
+    with pytest.raises(UndecodableMessage) as error:
+        reader.next_event()
+    assert (error.value.field, error.value.msg_type) == ("request_id", T.SERVICE_CONNECT)
+    assert error.value.raw_request_id is None  # not a trigger: nothing to refuse by
+    assert reader.next_event() == good
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"SOCKET13\0", b"SOCKET13".ljust(31, b"\0"), b"SOCKET13".ljust(33, b"\0"),
+     b"SOCKET13\0x".ljust(32, b"\0")],
+    ids=["short", "31", "33", "garbage-after-nul"],
+)
+def test_service_connect_to_the_agent_is_still_40_bytes(raw: bytes) -> None:
+    assert payload_bounds(D.DAEMON_TO_AGENT, T.SERVICE_CONNECT, 4) == (40, 40)
+    payload = struct.pack("<II", 0, 513) + raw
+    assert decode_event(D.CLIENT_TO_DAEMON, T.SERVICE_CONNECT, payload).request_id == b"SOCKET13"
+    assert refused(D.DAEMON_TO_AGENT, T.SERVICE_CONNECT, payload).field == "request_id"
+    reader = MessageReader(D.DAEMON_TO_AGENT, version=4)
+    reader.feed(struct.pack("<II", 0x202, len(payload)) + payload)
+    if len(payload) == 40:
+        with pytest.raises(UndecodableMessage):
+            reader.next_event()
+    else:
+        with pytest.raises(RemoteProtocolError) as error:
+            reader.next_event()
+        assert error.value.field == "header.len"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"", b"SOCKET13", b"SOCKET1\0", b"OTHER\0", b"SOCKET13" + bytes(65530)],
+    ids=["empty", "no-nul", "other-id", "other-id-2", "too-long"],
+)
+def test_raw_request_id_must_say_the_request_id(raw: bytes) -> None:
+    with pytest.raises(LocalProtocolError) as error:
+        ServiceConnect(0, 0, b"SOCKET13", raw).encode()
+    assert error.value.field == "request_id"
+    with pytest.raises(LocalProtocolError):
+        ServiceConnect(0, 0, b"a/b", b"a/b\0").encode()
 
 
 # -- triggers (v2, v3, v4) -------------------------------------------------------------------

@@ -80,7 +80,7 @@ ALLOWED: dict[Direction, dict[int, tuple[int, int, int, int]]] = {
     D.CLIENT_TO_DAEMON: {
         T.EXEC_CMDLINE: (2, INF, 9, 65535),
         T.JUST_EXEC: (2, INF, 9, 65535),
-        T.SERVICE_CONNECT: (2, INF, 40, 40),
+        T.SERVICE_CONNECT: (2, INF, 9, 65535),
     },
     D.DAEMON_TO_CLIENT: {
         T.EXEC_CMDLINE: (2, INF, 8, 8),

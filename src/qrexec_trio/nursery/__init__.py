@@ -10,6 +10,7 @@ from ._connection import call_id as call_id
 from ._control import CONNECTIONS as CONNECTIONS
 from ._control import KILL as KILL
 from ._control import UNKNOWN_CONNECTION as UNKNOWN_CONNECTION
+from ._control import control_socket_path as control_socket_path
 from ._control import gather_connections as gather_connections
 from ._control import gathering_methods as gathering_methods
 from ._control import kill_everywhere as kill_everywhere

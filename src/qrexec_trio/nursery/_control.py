@@ -16,6 +16,7 @@ control socket of the world (:func:`gather_connections`, :func:`kill_everywhere`
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
@@ -31,6 +32,11 @@ CONNECTIONS: Final = "qrexec.Connections"
 KILL: Final = "qrexec.Kill"
 #: The error kind of a kill for an id nobody holds.
 UNKNOWN_CONNECTION: Final = "UnknownConnectionError"
+
+
+def control_socket_path(socket_dir: str, domid: int) -> str:
+    """Where the daemon for ``domid`` serves its control socket."""
+    return os.path.join(socket_dir, f"qrexec-trio-control.{domid}")
 
 
 def _no_argument(request: AdminRequest) -> None:

@@ -23,7 +23,13 @@ from ._constants import (
 from ._direction import Direction
 
 _EXEC_REQUEST: Final = (EXEC_PARAMS_SIZE + 1, MAX_QREXEC_CMD_LEN)
+# What the daemon sends the agent: exec_params and the 32-byte NUL-padded id.
 _SERVICE_CONNECT: Final = (EXEC_PARAMS_SIZE + SERVICE_PARAMS_SIZE,) * 2
+# What a client may send the daemon. The reference daemon has one length rule
+# for all three requests (8 < len <= MAX_QREXEC_CMD_LEN, the last byte a NUL),
+# and reads a SERVICE_CONNECT's id as a C string: "SOCKET13\0" (17 bytes in
+# all) is as good as the 40-byte padded form. See _events._decode_client_connect.
+_CLIENT_REQUEST: Final = _EXEC_REQUEST
 _PORT_REPLY: Final = (EXEC_PARAMS_SIZE, EXEC_PARAMS_SIZE)
 _TRIGGER4: Final = (TRIGGER_V4_FIXED_SIZE + 1, TRIGGER_V4_FIXED_SIZE + MAX_SERVICE_NAME_LEN)
 
@@ -36,9 +42,9 @@ _FIXED_BOUNDS: Final[dict[Direction, dict[int, tuple[int, int]]]] = {
         MsgType.SERVICE_REFUSED: (SERVICE_PARAMS_SIZE, SERVICE_PARAMS_SIZE),
     },
     Direction.CLIENT_TO_DAEMON: {
-        MsgType.EXEC_CMDLINE: _EXEC_REQUEST,
-        MsgType.JUST_EXEC: _EXEC_REQUEST,
-        MsgType.SERVICE_CONNECT: _SERVICE_CONNECT,
+        MsgType.EXEC_CMDLINE: _CLIENT_REQUEST,
+        MsgType.JUST_EXEC: _CLIENT_REQUEST,
+        MsgType.SERVICE_CONNECT: _CLIENT_REQUEST,
     },
     Direction.DAEMON_TO_CLIENT: {
         MsgType.EXEC_CMDLINE: _PORT_REPLY,

@@ -37,6 +37,7 @@ from ._errors import LocalProtocolError, RemoteProtocolError, UndecodableMessage
 from ._structs import (
     PORT_PAIR,
     U32,
+    check_ident_text,
     check_u32,
     decode_domain,
     decode_ident,
@@ -146,16 +147,36 @@ _REQUEST_TYPES: Final = (MsgType.EXEC_CMDLINE, MsgType.JUST_EXEC, MsgType.SERVIC
 
 @dataclass(frozen=True, slots=True)
 class ServiceConnect:
-    """MSG_SERVICE_CONNECT: request ``request_id`` is allowed; serve (domain, port)."""
+    """MSG_SERVICE_CONNECT: request ``request_id`` is allowed; serve (domain, port).
+
+    ``raw_request_id`` is set only on an event read from a client, when the
+    bytes after exec_params are not the 32-byte NUL-padded form: the reference
+    daemon reads them as a C string, so a client may send the short form
+    (``b"SOCKET13\\0"``) or put anything after the NUL. It keeps those bytes so
+    that the event encodes back to exactly what was read; ``request_id`` is
+    what they mean. What goes to an agent never has one (the agent takes only
+    the 32-byte form): build a new event from ``request_id``.
+    """
 
     connect_domain: int
     connect_port: int
     request_id: bytes  # without padding
+    raw_request_id: bytes | None = None
     msg_type: ClassVar[MsgType] = MsgType.SERVICE_CONNECT
 
     def encode(self) -> bytes:
-        payload = _ports(self.connect_domain, self.connect_port) + encode_ident(self.request_id)
-        return encode_frame(self.msg_type, payload)
+        ports = _ports(self.connect_domain, self.connect_port)
+        ident = encode_ident(self.request_id)
+        raw = self.raw_request_id
+        if raw is None:
+            return encode_frame(self.msg_type, ports + ident)
+        if not raw.endswith(b"\0") or raw[:raw.index(b"\0")] != self.request_id:
+            raise LocalProtocolError("request_id", "raw form must be the id, a NUL, "
+                                     "and anything ending in a NUL")
+        if EXEC_PARAMS_SIZE + len(raw) > MAX_QREXEC_CMD_LEN:
+            raise LocalProtocolError("request_id", f"raw form longer than "
+                                     f"{MAX_QREXEC_CMD_LEN - EXEC_PARAMS_SIZE} bytes")
+        return encode_frame(self.msg_type, ports + raw)
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,6 +330,12 @@ def _decode_exec(msg_type: MsgType, payload: bytes) -> ExecRequest:
     if payload[-1] != 0:
         raise RemoteProtocolError("exec_params.cmdline", "not NUL-terminated")
     cmdline = payload[EXEC_PARAMS_SIZE:-1]
+    # The reference daemon passes such a cmdline on unchanged and its agent
+    # runs the C string up to the first NUL, silently dropping the rest. We
+    # refuse it, from a client as from a daemon: no reference program builds
+    # one (a cmdline comes from argv), and a request that means less than
+    # the bytes it carries (logged, listed, checked in one form, run in
+    # another) is a confusion we do not need.
     if b"\0" in cmdline:
         raise RemoteProtocolError("exec_params.cmdline", "contains a NUL byte before its end")
     domain, port = _decode_ports(payload)
@@ -324,6 +351,31 @@ def _decode_port_reply(msg_type: MsgType, payload: bytes) -> PortAssigned:
 def _decode_service_connect(msg_type: MsgType, payload: bytes) -> ServiceConnect:
     domain, port = _decode_ports(payload)
     return ServiceConnect(domain, port, decode_ident(payload[EXEC_PARAMS_SIZE:]))
+
+
+def _decode_client_connect(msg_type: MsgType, payload: bytes) -> ServiceConnect:
+    """A client's SERVICE_CONNECT, taken as the reference daemon takes it.
+
+    Its only rules are those of every client request (8 < len <= 65535, the
+    reader's bounds, and a NUL last); it then matches the bytes after
+    exec_params against its pending ids with ``strncmp``: the text up to the
+    first NUL is the id, whether 32 bytes of padding follow it or one NUL
+    (the short form) or anything at all.
+    """
+    # "service_params" for the framing of the id, "request_id" for the id
+    # itself: the daemon logs the second kind as a request that is not pending.
+    if len(payload) <= EXEC_PARAMS_SIZE:
+        raise RemoteProtocolError("service_params", "missing")
+    if payload[-1] != 0:
+        raise RemoteProtocolError("service_params", "not NUL-terminated")
+    raw = payload[EXEC_PARAMS_SIZE:]
+    # An id the daemon would not have taken from its agent can never be
+    # pending: refused here (the daemon logs it as not pending), so that
+    # every request_id handed out is one an agent would accept.
+    text = check_ident_text(raw[:raw.index(b"\0")])
+    domain, port = _decode_ports(payload)
+    canonical = raw == text.ljust(IDENT_SIZE, b"\0")
+    return ServiceConnect(domain, port, text, None if canonical else raw)
 
 
 def _decode_service_refused(msg_type: MsgType, payload: bytes) -> ServiceRefused:
@@ -395,7 +447,7 @@ _DECODERS: Final[dict[Direction, dict[MsgType, _Decoder]]] = {
     Direction.CLIENT_TO_DAEMON: {
         MsgType.EXEC_CMDLINE: _decode_exec,
         MsgType.JUST_EXEC: _decode_exec,
-        MsgType.SERVICE_CONNECT: _decode_service_connect,
+        MsgType.SERVICE_CONNECT: _decode_client_connect,
     },
     Direction.DAEMON_TO_CLIENT: dict.fromkeys(_REQUEST_TYPES, _decode_port_reply),
     Direction.CALLER_TO_SERVICE: {MsgType.DATA_STDIN: _decode_data},

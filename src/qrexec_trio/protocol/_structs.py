@@ -109,7 +109,17 @@ def decode_ident(raw: bytes, field: str = "request_id") -> bytes:
     """
     if len(raw) != IDENT_SIZE:
         raise RemoteProtocolError(field, f"must be {IDENT_SIZE} bytes, got {len(raw)}")
-    text = _padded_text(field, raw)
+    return check_ident_text(_padded_text(field, raw), field)
+
+
+def check_ident_text(text: bytes, field: str = "request_id") -> bytes:
+    """``text`` if it can be a request id (the part before the NUL), else raise.
+
+    The rules :func:`encode_ident` enforces, as a peer's fault: at most
+    ``IDENT_SIZE - 1`` bytes of ``[0-9A-Za-z_.- ]``.
+    """
+    if len(text) >= IDENT_SIZE:
+        raise RemoteProtocolError(field, f"longer than {IDENT_SIZE - 1} bytes")
     if _IDENT_CHARS.fullmatch(text) is None:
         raise RemoteProtocolError(field, "has a byte outside [0-9A-Za-z_.- ]")
     return text

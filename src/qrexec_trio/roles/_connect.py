@@ -29,8 +29,7 @@ import trio
 from .._config import Timeouts
 from .._errors import QrexecError
 from .._logging import get_logger
-from .._programs import program
-from ..domains import Domains, disposable
+from ..domains import Domains, DomainsError, disposable
 from ..nursery import (
     Connection,
     ConnectionRegistry,
@@ -38,8 +37,6 @@ from ..nursery import (
     GroupLedger,
     call_id,
     glue,
-    open_service,
-    serve_data,
 )
 from ..protocol import (
     CLIENT_PROTOCOL_VERSION,
@@ -54,17 +51,9 @@ from ..protocol import (
     ServiceConnect,
     negotiate_version,
 )
-from ..services import (
-    Identity,
-    Plan,
-    ProgramPlan,
-    Runner,
-    load_service_config,
-    rpc_config_path,
-    service_path,
-    socket_option_conflict,
-)
+from ..services import Runner, rpc_config_path, service_path
 from ..xen import Vchan, VchanBackend
+from ._launch import hold_for_session, prepare, serve_prepared
 
 log = get_logger(__name__)
 
@@ -84,13 +73,17 @@ class TargetNotRunning(ConnectError):
 DaemonRequest = ExecCmdline | JustExec | ServiceConnect
 
 
-async def request_port(
-    socket_dir: str, target: str, request: DaemonRequest, timeouts: Timeouts
-) -> tuple[trio.SocketStream, int, int]:
-    """Send one request to ``target``'s daemon; returns (socket, domid, port).
+class RequestRefused(ConnectError):
+    """The daemon closed the connection instead of answering (e.g. an unknown request id)."""
 
-    The socket stays open for the whole call: the daemon closes it when the
-    agent reports the connection terminated.
+
+async def open_daemon_request(
+    socket_dir: str, target: str, request: DaemonRequest, timeouts: Timeouts
+) -> FramedLink:
+    """Connect to ``target``'s daemon, exchange HELLOs and send one request.
+
+    The caller owns the link's socket (it stays open for the whole call:
+    the daemon closes it when the agent reports the connection terminated).
     """
     path = os.path.join(socket_dir, f"qrexec.{target}")
     try:
@@ -100,8 +93,8 @@ async def request_port(
             raise TargetNotRunning(
                 f"qrexec-daemon for {target!r} is not running ({path})") from exc
         raise ConnectError(f"cannot connect to {path}: {exc.strerror}") from exc
+    link = FramedLink(stream, Direction.DAEMON_TO_CLIENT)
     try:
-        link = FramedLink(stream, Direction.DAEMON_TO_CLIENT)
         with trio.fail_after(timeouts.handshake):
             version = negotiate_version(
                 CLIENT_PROTOCOL_VERSION, await link.receive_hello(), CLIENT_PROTOCOL_VERSION
@@ -109,10 +102,30 @@ async def request_port(
             link.version = version
             await link.send_hello(CLIENT_PROTOCOL_VERSION)
             await link.send(request)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
+        raise
+    return link
+
+
+async def request_port(
+    socket_dir: str, target: str, request: DaemonRequest, timeouts: Timeouts
+) -> tuple[trio.SocketStream, int, int]:
+    """Send one request to ``target``'s daemon; returns (socket, domid, port).
+
+    The socket stays open for the whole call: the daemon closes it when the
+    agent reports the connection terminated.
+    """
+    link = await open_daemon_request(socket_dir, target, request, timeouts)
+    stream = link.stream
+    assert isinstance(stream, trio.SocketStream)
+    try:
+        with trio.fail_after(timeouts.handshake):
             reply = await link.receive()
         match reply:
             case None:
-                raise ConnectError(f"qrexec-daemon for {target!r} refused the request")
+                raise RequestRefused(f"qrexec-daemon for {target!r} refused the request")
             case PortAssigned(request_type, domain, port) if request_type == request.msg_type:
                 pass
             case PortAssigned(request_type):
@@ -214,8 +227,10 @@ class Connector:
         """
         conn.describe(target=target.name, service=descriptor)
         if target.is_dom0:
-            return await self._dom0_service(conn, accept_source, dom0_service_call(
-                target, descriptor, source))
+            call = dom0_service_call(target, descriptor, source)
+            return await self.dom0_service(
+                conn, accept_source, f"QUBESRPC {call.text}".encode("utf-8", "surrogateescape"),
+                source)
         template = target.dispvm_template
         if template is None:
             await self._vm_to_vm(conn, accept_source, target,
@@ -238,31 +253,26 @@ class Connector:
             domid, port, timeout=self.timeouts.data_vchan_connect))
         return FramedLink(vchan, Direction.CALLER_TO_SERVICE)
 
-    async def _dom0_service(self, conn: Connection, accept_source: AcceptSource,
-                            call: RpcCall) -> int:
+    async def dom0_service(self, conn: Connection, accept_source: AcceptSource,
+                            cmdline: bytes, source: str) -> int:
+        """Serve the source leg with a dom0 command: a service call or a plain command.
+
+        The same service code as a VM's agent (rpc-config, socket services,
+        wait-for-session, 125/127 on the data vchan), but stderr stays in
+        dom0, as the reference's: the VM gets only the empty stderr message.
+        """
+        runner = dom0_runner()
+        prepared = prepare(runner, rpc_config_path(), conn, cmdline, with_user=False,
+                           extra_env={"QREXEC_REMOTE_DOMAIN": source})
+        await hold_for_session(prepared, runner, timeouts=self.timeouts, ledger=self.ledger)
         link = await self._open_source(conn, accept_source)
         with trio.fail_after(self.timeouts.handshake):
             # As the reference's dom0 service side: read the VM's HELLO first.
             peer = await link.receive_hello()
             link.version = negotiate_version(PROTOCOL_VERSION, peer)
             await link.send_hello(PROTOCOL_VERSION)
-        plan = _dom0_socket_service(call) or self._multiplexer_plan(conn, call)
-        # As the reference: the service's stderr stays in dom0 (our log).
-        end = await conn.enter(open_service(plan, self.timeouts, self.ledger,
-                                            forward_stderr=False))
-        conn.running()
-        status = await serve_data(link, end, conn.metered())
-        log.info("dom0 service finished", service=call.descriptor, status=status)
-        return status
-
-    @staticmethod
-    def _multiplexer_plan(conn: Connection, call: RpcCall) -> ProgramPlan:
-        """A dom0 program service runs through qubes-rpc-multiplexer, as the reference's."""
-        argv = [program("qubes-rpc-multiplexer"), call.descriptor, call.source]
-        if call.target_type is not None and call.target is not None:
-            argv += [call.target_type, call.target]
-        return ProgramPlan(argv, dict(os.environ, QREXEC_CALL_ID=conn.id),
-                           Identity(name="dom0"), what=call.descriptor)
+        return await serve_prepared(conn, link, prepared, timeouts=self.timeouts,
+                                    ledger=self.ledger, forward_stderr=False)
 
     async def _request_target(self, target: Target,
                               cmdline: bytes) -> tuple[trio.SocketStream, int, int]:
@@ -274,8 +284,13 @@ class Connector:
             if not target.autostart or domains is None:
                 raise
         log.info("starting the target", target=target.name)
-        with trio.fail_after(self.timeouts.domain_start):
-            await domains.start(target.name)
+        try:
+            with trio.fail_after(self.timeouts.domain_start):
+                await domains.start(target.name)
+        except (DomainsError, trio.TooSlowError) as exc:
+            reason = exc.message if isinstance(exc, DomainsError) else "timed out"
+            raise TargetNotRunning(
+                f"{target.name} is not running and could not be started: {reason}") from exc
         return await request_port(self.socket_dir, target.name, request, self.timeouts)
 
     async def _target_leg(self, conn: Connection, target: Target, cmdline: bytes) -> Vchan:
@@ -328,20 +343,7 @@ async def connect_pending(
     return status
 
 
-def _dom0_socket_service(call: RpcCall) -> Plan | None:
-    """A dom0 socket or TCP service's plan, with its rpc-config; ``None`` otherwise.
-
-    The multiplexer can only exec a program; a service that is a socket is
-    connected from here, with the same code as in a VM. Anything that is not
-    a usable socket service (not found, a program, a bad configuration) goes
-    to the multiplexer, which reports it as it always has.
-    """
-    runner = Runner(service_path(), allow_scripts=True)
-    try:
-        config = load_service_config(call.lookup_names, rpc_config_path())
-        plan = runner.plan_rpc(call, runner.identity_for(None), config)
-    except QrexecError:
-        return None
-    if isinstance(plan, ProgramPlan) or socket_option_conflict(config) is not None:
-        return None
-    return plan
+def dom0_runner() -> Runner:
+    """How dom0 runs services and commands: as this process's user, bash for commands."""
+    shell = "/bin/bash" if os.access("/bin/bash", os.X_OK) else "/bin/sh"
+    return Runner(service_path(), allow_scripts=True, shell=shell)

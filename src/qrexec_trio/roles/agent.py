@@ -18,12 +18,10 @@ for why the FIFO sits beside today's socket rather than at its path).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import structlog
 import trio
@@ -42,10 +40,7 @@ from ..nursery import (
     call_id,
     just_exec_service,
     one_error,
-    open_service,
     registry_methods,
-    send_spawn_failure,
-    serve_data,
     spawn_detached,
 )
 from ..protocol import (
@@ -57,50 +52,28 @@ from ..protocol import (
     Event,
     ExecCmdline,
     ExitCode,
-    ExitStatus,
     JustExec,
     ProtocolError,
-    RpcCall,
     ServiceConnect,
     ServiceRefused,
     UndecodableMessage,
     negotiate_version,
-    parse_cmdline,
 )
 from ..services import (
-    DEFAULT_CONFIG,
     LaunchError,
     Plan,
     ProgramPlan,
-    RpcConfigError,
     Runner,
-    load_service_config,
     rpc_config_path,
     service_path,
-    socket_option_conflict,
-    with_call_id,
 )
 from ..xen import VchanBackend, get_backend
 from ._cli import add_logging_options, run_long_lived, setup_logging
-from ._session import wait_for_session
+from ._launch import hold_for_session, prepare, serve_prepared
 from ._vm_local import DEFAULT_RUNTIME_DIR, DEFAULT_SOCKET_NAME
 from ._vm_requests import RequestPaths, SetupError, VmRequests
 
 log = get_logger(__name__)
-
-
-@dataclass(frozen=True)
-class _Launch:
-    """A command ready to run."""
-
-    plan: Plan
-    #: The call to hold until the user session is up (wait-for-session), if any.
-    wait_for_session: RpcCall | None
-    user: str | None
-
-
-def _warn_config(message: str) -> None:
-    log.warning("service configuration", warning=message)
 
 
 class Agent:
@@ -266,63 +239,25 @@ class Agent:
         # What to run is decided first: wait-for-session holds the request
         # before the data vchan connects, as the reference does. A command
         # that cannot run is refused only on the data vchan, with its status.
-        prepared = self._prepare(conn, params.cmdline)
-        if isinstance(prepared, _Launch) and prepared.wait_for_session is not None:
-            await wait_for_session(self.runner, prepared.wait_for_session, prepared.user,
-                                   timeouts=self.timeouts, ledger=self.ledger)
+        prepared = prepare(self.runner, self.config_dirs, conn, params.cmdline)
+        await hold_for_session(prepared, self.runner, timeouts=self.timeouts,
+                               ledger=self.ledger)
         vchan = await conn.enter(await self.backend.connect(
             params.connect_domain, params.connect_port, timeout=self.timeouts.data_vchan_connect
         ))
         link = FramedLink(vchan, Direction.CALLER_TO_SERVICE)
-        try:
-            with trio.fail_after(self.timeouts.handshake):
-                await link.exchange_hello(PROTOCOL_VERSION, send_first=True)
-            if isinstance(prepared, LaunchError):
-                raise prepared
-            plan = prepared.plan
-            log.info("running", what=plan.what, just_exec=just_exec)
-            if just_exec:
-                await self._just_exec(background, link, plan)
-                return
-            end = await conn.enter(open_service(plan, self.timeouts, self.ledger))
-            conn.running()
-            status = await serve_data(link, end, conn.metered())
-            log.info("finished", status=status)
-        except LaunchError as exc:
-            log.warning("cannot run command", status=exc.status, reason=exc.reason)
-            if just_exec:
-                await link.send(ExitCode(exc.status))
-            else:
-                await send_spawn_failure(link, exc.status)
-
-    def _prepare(self, conn: Connection, raw_cmdline: bytes) -> _Launch | LaunchError:
-        """The plan for a command line, with its service's configuration applied."""
-        try:
-            cmdline = parse_cmdline(raw_cmdline)
-        except ProtocolError as exc:
-            return LaunchError(ExitStatus.PROBLEM, f"bad cmdline: {exc}")
-        call = cmdline.command if isinstance(cmdline.command, RpcCall) else None
-        config = DEFAULT_CONFIG
-        if call is not None:
-            conn.describe(source=call.source, service=call.descriptor)
-            try:
-                config = load_service_config(call.lookup_names, self.config_dirs,
-                                             warn=_warn_config)
-            except RpcConfigError as exc:
-                log.error("could not load the service's configuration", error=str(exc))
-                return LaunchError(ExitStatus.PROBLEM, f"invalid configuration: {exc}")
-            if config.force_user is not None:
-                cmdline = dataclasses.replace(cmdline, user=config.force_user)
-        try:
-            plan = with_call_id(self.runner.plan(cmdline, config), conn.id)
-        except LaunchError as exc:
-            return exc
-        conflict = socket_option_conflict(config)
-        if conflict is not None and not isinstance(plan, ProgramPlan):
-            return LaunchError(ExitStatus.PROBLEM, conflict)
-        conn.describe(service=plan.what)
-        waits = call is not None and config.wait_for_session and isinstance(plan, ProgramPlan)
-        return _Launch(plan, call if waits else None, cmdline.user)
+        with trio.fail_after(self.timeouts.handshake):
+            await link.exchange_hello(PROTOCOL_VERSION, send_first=True)
+        if not just_exec:
+            await serve_prepared(conn, link, prepared, timeouts=self.timeouts,
+                                 ledger=self.ledger)
+            return
+        if isinstance(prepared, LaunchError):
+            log.warning("cannot run command", status=prepared.status, reason=prepared.reason)
+            await link.send(ExitCode(prepared.status))
+            return
+        log.info("running", what=prepared.plan.what, just_exec=True)
+        await self._just_exec(background, link, prepared.plan)
 
     async def _just_exec(self, background: trio.Nursery, link: FramedLink, plan: Plan) -> None:
         if isinstance(plan, ProgramPlan):

@@ -1,16 +1,32 @@
-"""qrexec-client: run a command in a VM from dom0 (wire-protocol.md §7.1, §13.1).
+"""qrexec-client: dom0's client (wire-protocol.md §7.1, §7.3, §7.4, §13.1).
 
-It asks the VM's qrexec-daemon for a data port, offers the data vchan on it,
-and once the VM's agent connected, streams stdin/stdout/stderr both ways and
-exits with the remote exit code.
+Four ways to use it, as the reference's:
+
+* ``-d VM CMDLINE``: run a command in a VM. Ask the VM's daemon for a data
+  port, offer the data vchan on it, and once the agent connected stream
+  stdin/stdout/stderr both ways; exit with the remote exit code as soon as it
+  arrives (stdin may still be open), closing our stdout at the remote's
+  stdout EOF. ``-k`` kills the VM afterwards (qubesd ``admin.vm.Kill``).
+* ``-d dom0 -c REQ,SRC,SRCID CMDLINE``: answer a VM's pending request with a
+  dom0 command: a ``QUBESRPC`` service line (run with the same service code
+  as a VM's agent) or any plain command (run with bash); what cannot run is
+  reported to the VM on the data vchan (exit code 125 or 127), never left
+  hanging.
+* ``-d VM -c REQ,SRC,SRCID USER:CMDLINE``: connect a VM's pending request to
+  a service in another VM, directly between the two VMs as the reference
+  does; ``-W`` waits for the connection's end.
+* ``-d dom0 DEFAULT:QUBESRPC SVC[+ARG] SRC``: a dom0 to dom0 service call,
+  run in place (we become the service).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Final
 
 import structlog
@@ -19,47 +35,65 @@ import trio
 from .._config import Timeouts
 from .._errors import QrexecError
 from .._logging import get_logger
+from ..domains import DEFAULT_QUBESD_SOCKET, DomainsError, QubesdDomains
 from ..nursery import (
+    CONNECTIONS,
     CallerEnd,
+    ConnectionRegistry,
     FramedLink,
     call_data,
     call_id,
     caller_exit_code,
     child_process,
+    control_socket_path,
     open_caller_link,
+    parse_connections,
 )
 from ..nursery import exit_status as process_exit_status
 from ..protocol import (
     ExecCmdline,
     ExitStatus,
     JustExec,
+    ProtocolError,
     RpcCall,
+    ServiceConnect,
     ShellCommand,
     parse_cmdline,
 )
-from ..services import ProgramPlan, Runner, service_path
+from ..services import LaunchError, ProgramPlan, Runner, service_path
 from ..xen import VchanBackend, get_backend
 from ._cli import (
     UsageExit1Parser,
     add_logging_options,
-    local_stdio,
     run_until_signal,
     setup_logging,
 )
 from ._connect import (
     DOM0_NAMES,
-    Target,
-    connect_pending,
+    Connector,
+    RequestRefused,
+    accept_via_daemon_socket,
+    dom0_runner,
+    open_daemon_request,
     request_port,
 )
+from ._local_io import local_ends, stdin_socket_problem
 
 log = get_logger(__name__)
 
 DEFAULT_SOCKET_DIR: Final = "/var/run/qubes"
+#: Where qubesd listens (``-k``); the world points it at its own admin socket.
+QUBESD_SOCKET_ENV: Final = "QREXEC_QUBESD_SOCKET"
+#: The reference's exit status when ``-c`` cannot connect a VM-to-VM call.
+VM_CONNECT_FAILED: Final = 137
 
 
 class ClientError(QrexecError):
-    """The call could not be made; the message says why. Exit status 125."""
+    """The call could not be made; the message says why."""
+
+
+class UnknownRequest(QrexecError):
+    """``-c`` named a request its source's daemon is not waiting on. Exit status 1."""
 
 
 def _local_program_plan(command: str, target: str) -> ProgramPlan:
@@ -76,9 +110,22 @@ def _local_program_plan(command: str, target: str) -> ProgramPlan:
     return plan
 
 
+# -- dom0 -> VM ------------------------------------------------------------------
+
+
 async def run_call(
     args: argparse.Namespace, backend: VchanBackend, timeouts: Timeouts
 ) -> int:
+    try:
+        return await _run_call(args, backend, timeouts)
+    finally:
+        if args.kill:
+            # As the reference: right before exiting, however the call went.
+            with trio.CancelScope(shield=True):
+                await _kill_target(args.target, timeouts)
+
+
+async def _run_call(args: argparse.Namespace, backend: VchanBackend, timeouts: Timeouts) -> int:
     cmdline = args.cmdline.encode("utf-8", "surrogateescape")
     request = JustExec(0, 0, cmdline) if args.just_exec else ExecCmdline(0, 0, cmdline)
     daemon_socket, domid, port = await request_port(
@@ -92,14 +139,26 @@ async def run_call(
         async with link.stream:
             if args.local_command is not None:
                 return await _call_with_local_program(link, args, timeouts)
-            async with local_stdio() as (stdin, stdout, stderr):
+            async with local_ends(args.use_stdin_socket) as (source, output, stderr):
                 end = CallerEnd(
-                    input=stdin, output=stdout, errors=stderr,
+                    input=source, output=output, errors=stderr, close_output=output.close,
                     prefix=args.prefix_data.encode("utf-8", "surrogateescape"),
                     filter_stdout=args.filter_stdout, filter_stderr=args.filter_stderr,
                 )
                 status = await call_data(link, end, finish_timeout=timeouts.send_finish)
     return _final_status(args, status, None)
+
+
+async def _kill_target(target: str, timeouts: Timeouts) -> None:
+    qubesd = os.environ.get(QUBESD_SOCKET_ENV, DEFAULT_QUBESD_SOCKET)
+    try:
+        with trio.fail_after(timeouts.admin_call):
+            await QubesdDomains(qubesd, call_timeout=timeouts.admin_call).kill(target)
+    except (DomainsError, trio.TooSlowError) as exc:
+        print(f"qrexec-client: could not kill {target} through {qubesd}: "
+              f"{getattr(exc, 'message', None) or type(exc).__name__}", file=sys.stderr)
+    else:
+        log.info("target killed", target=target)
 
 
 async def _call_with_local_program(
@@ -133,19 +192,174 @@ def _final_status(args: argparse.Namespace, remote: int, local: int | None) -> i
     return caller_exit_code(remote, local)
 
 
+# -- -c: answering a VM's pending request ----------------------------------------
+
+
+def _parse_existing(text: str) -> tuple[bytes, str, int]:
+    parts = text.split(",")
+    if len(parts) != 3 or not parts[1]:
+        raise ClientError('Invalid -c parameter (should be: "-c request_id,src_domain_name,'
+                          'src_domain_id")')
+    ident, source, source_id = parts
+    if not ident or len(ident) >= 32:
+        raise ClientError("Invalid -c parameter (request_id must be 1 to 31 characters)")
+    try:
+        domid = int(source_id, 0)
+    except ValueError:
+        raise ClientError(f"Invalid -c parameter (source domain ID {source_id!r} is not a "
+                          "number)") from None
+    if domid <= 0:
+        raise ClientError("Invalid -c parameter (the source cannot be dom0)")
+    return ident.encode(), source, domid
+
+
+async def answer_with_dom0_command(args: argparse.Namespace, backend: VchanBackend,
+                                   timeouts: Timeouts) -> int:
+    """``-d dom0 -c``: serve a VM's pending request with a dom0 command (§7.3)."""
+    ident, source, source_id = _parse_existing(args.connect_existing)
+    cmdline = args.cmdline.encode("utf-8", "surrogateescape")
+    registry = ConnectionRegistry(cleanup_timeout=timeouts.cleanup)
+    # -w bounds the wait for the VM's data vchan, as in the reference.
+    call_timeouts = replace(timeouts, data_vchan_connect=args.connect_timeout)
+    async with registry.open(call_id(source_id, ident), kind="vm-request", source=source,
+                             target="dom0", service=_what(cmdline)) as conn:
+        accept = accept_via_daemon_socket(args.socket_dir, source, ident, call_timeouts, conn)
+        try:
+            status = await Connector(backend, call_timeouts, args.socket_dir).dom0_service(
+                conn, accept, cmdline, source)
+        except RequestRefused:
+            raise UnknownRequest(_not_pending(ident, source)) from None
+    return 0 if args.no_exit_code else status
+
+
+async def answer_with_vm_service(args: argparse.Namespace, timeouts: Timeouts) -> int:
+    """``-d VM -c``: connect a VM's pending request to a service in another VM (§7.4).
+
+    As the reference: the target's daemon gets the command line with the
+    source's domain id (the target's agent connects straight to the source),
+    then the source's daemon gets MSG_SERVICE_CONNECT with the target's
+    (domain, port). ``-W`` then waits until the target's daemon reports the
+    connection's end by closing our socket.
+    """
+    ident, source, source_id = _parse_existing(args.connect_existing)
+    cmdline = args.cmdline.encode("utf-8", "surrogateescape")
+    await _check_pending(args.socket_dir, source_id, ident, source, timeouts)
+    request = ExecCmdline(source_id, 0, cmdline)
+    target_socket, domid, port = await request_port(args.socket_dir, args.target, request,
+                                                    timeouts)
+    async with target_socket:
+        log.info("target leg open", target=args.target, target_call=call_id(domid, port))
+        answer = await open_daemon_request(args.socket_dir, str(source_id),
+                                           ServiceConnect(domid, port, ident), timeouts)
+        # No reply comes when the port is given; the daemon forwarded it.
+        await answer.stream.aclose()
+        if args.wait_connection_end:
+            await _wait_closed(target_socket)
+            log.info("connection ended", target=args.target)
+    return 0
+
+
+async def _wait_closed(stream: trio.SocketStream) -> None:
+    """Until the daemon closes our socket (it does when the port is released)."""
+    while True:
+        try:
+            data = await stream.receive_some(1)
+        except trio.BrokenResourceError:
+            return
+        if not data:
+            return
+
+
+async def _check_pending(socket_dir: str, source_id: int, ident: bytes, source: str,
+                         timeouts: Timeouts) -> None:
+    """Refuse an id the source's daemon does not track, before starting the target.
+
+    MSG_SERVICE_CONNECT with a port gets no reply, so the wire cannot tell
+    us; our daemon's control socket can (a reference daemon has none: then
+    the check is skipped and the daemon drops an unknown id, as the
+    reference's client lets it).
+    """
+    path = control_socket_path(socket_dir, source_id)
+    try:
+        reply = await QubesdDomains(path, call_timeout=timeouts.admin_call).call(
+            CONNECTIONS, "dom0")
+    except DomainsError as exc:
+        log.debug("could not list the source's requests", error=exc.message)
+        return
+    wanted = call_id(source_id, ident)
+    if not any(entry.get("id") == wanted for entry in parse_connections(reply)):
+        raise UnknownRequest(_not_pending(ident, source))
+
+
+def _not_pending(ident: bytes, source: str) -> str:
+    return (f"request {ident.decode()!r} of {source} is not pending "
+            "(unknown, already answered or given up)")
+
+
+def _what(cmdline: bytes) -> str:
+    try:
+        command = parse_cmdline(cmdline, with_user=False).command
+    except ProtocolError:
+        return "(malformed command line)"
+    return command.descriptor if isinstance(command, RpcCall) else command.command
+
+
+# -- dom0 -> dom0 ----------------------------------------------------------------
+
+
+def run_dom0_service(args: argparse.Namespace) -> int:
+    """``-d dom0 DEFAULT:QUBESRPC SVC[+ARG] SRC``: become the dom0 service (exec).
+
+    As the reference: only a service call, as dom0's own user (DEFAULT), and
+    only a program (a socket or TCP service is refused, 125); not found: 127.
+    """
+    try:
+        cmdline = parse_cmdline(args.cmdline.encode("utf-8", "surrogateescape"))
+    except ProtocolError as exc:
+        return _fail(ExitStatus.PROBLEM, f"bad command line: {exc}")
+    if not isinstance(cmdline.command, RpcCall):
+        return _fail(ExitStatus.PROBLEM, "dom0 to dom0 runs services only: expected "
+                     "'DEFAULT:QUBESRPC SERVICE[+ARG] SOURCE'")
+    if cmdline.user != "DEFAULT":
+        return _fail(ExitStatus.PROBLEM, f"dom0 services run as dom0's own user: the user "
+                     f"must be DEFAULT, not {cmdline.user!r}")
+    runner = dom0_runner()
+    try:
+        plan = runner.plan_rpc(cmdline.command, runner.identity_for(None))
+    except LaunchError as exc:
+        return _fail(exc.status, exc.reason)
+    if not isinstance(plan, ProgramPlan):
+        return _fail(ExitStatus.PROBLEM, f"{cmdline.command.descriptor} is a socket service; "
+                     "dom0 to dom0 calls run programs only")
+    sys.stdout.flush()
+    try:
+        os.execve(plan.executable or plan.argv[0], plan.argv, plan.env)
+    except OSError as exc:
+        return _fail(ExitStatus.PROBLEM, f"cannot run {plan.argv[0]}: {exc.strerror}")
+
+
+def _fail(status: int, message: str) -> int:
+    print(f"qrexec-client: {message}", file=sys.stderr)
+    return int(status)
+
+
+# -- command line ----------------------------------------------------------------
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = UsageExit1Parser(
         prog="qrexec-client",
-        description="Run a command in a VM through its qrexec-daemon.",
+        description="Run a command in a VM through its qrexec-daemon, answer a VM's request, "
+        "or call a dom0 service from dom0.",
     )
     parser.add_argument("-d", dest="target", required=True, metavar="TARGET",
-                        help="the VM (name, domid or uuid:UUID)")
+                        help="the VM (name, domid or uuid:UUID), or dom0 / @adminvm")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("-l", dest="local_command", metavar="CMD",
                       help="connect the remote command to this local program instead of stdio")
     mode.add_argument("-c", dest="connect_existing", metavar="ID,SRCNAME,SRCID",
                       help="answer a VM's pending request ID from SRCNAME (domid SRCID): "
-                      "connect it to the service CMDLINE in TARGET")
+                      "connect it to CMDLINE in TARGET (dom0: a service line or a command)")
     mode.add_argument("-e", dest="just_exec", action="store_true",
                       help="just start the command (MSG_JUST_EXEC); no data, exit 0 if started")
     parser.add_argument("-E", "--no-exit-code", action="store_true",
@@ -155,9 +369,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-T", dest="filter_stderr", action="store_true",
                         help="replace escape characters in remote stderr")
     parser.add_argument("-w", dest="connect_timeout", type=float, default=None, metavar="SEC",
-                        help="wait at most SEC for the VM to connect (default 10; 0 = forever)")
+                        help="wait at most SEC for the data vchan (default 10; 0 = forever)")
+    parser.add_argument("-W", dest="wait_connection_end", action="store_true",
+                        help="with -c to a VM: wait for the connection's end")
+    parser.add_argument("-k", dest="kill", action="store_true",
+                        help="kill the target VM right before exiting (qubesd admin.vm.Kill; "
+                        f"socket: ${QUBESD_SOCKET_ENV} or {DEFAULT_QUBESD_SOCKET})")
     parser.add_argument("-p", "--prefix-data", default="", metavar="DATA",
                         help="send DATA before stdin")
+    parser.add_argument("--use-stdin-socket", action="store_true",
+                        help="fd 0 is a stream socket: use it for both stdin and stdout")
     parser.add_argument("--socket-dir", default=DEFAULT_SOCKET_DIR,
                         help=f"qrexec-daemon socket directory (default {DEFAULT_SOCKET_DIR})")
     parser.add_argument("cmdline", help="USER:COMMAND or USER:QUBESRPC SERVICE[+ARG] SOURCE")
@@ -165,66 +386,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _parse_existing(text: str) -> tuple[bytes, str, int]:
-    parts = text.split(",")
-    if len(parts) != 3:
-        raise ClientError("-c takes ID,SRCNAME,SRCID")
-    ident, source, source_id = parts
-    if not ident or len(ident) >= 32:
-        raise ClientError("-c: ID must be 1 to 31 characters")
-    try:
-        domid = int(source_id, 0)
-    except ValueError:
-        raise ClientError(f"-c: SRCID {source_id!r} is not a domain id") from None
-    if domid == 0:
-        raise ClientError("-c: the source cannot be dom0")
-    return ident.encode(), source, domid
+def _connect_timeout(value: float | None, timeouts: Timeouts) -> float:
+    if value is None:
+        return timeouts.data_vchan_accept
+    return math.inf if value <= 0 else value
 
 
-async def connect_existing(args: argparse.Namespace, backend: VchanBackend,
-                           timeouts: Timeouts) -> int:
-    """``-c``: build the connection for a VM's pending request (as qrexec-policy does)."""
-    ident, source, source_id = _parse_existing(args.connect_existing)
-    command = parse_cmdline(args.cmdline.encode("utf-8", "surrogateescape"),
-                            with_user=args.target not in DOM0_NAMES).command
-    if not isinstance(command, RpcCall):
-        raise ClientError("-c needs a QUBESRPC command line")
-    user = args.cmdline.partition(":")[0] if args.target not in DOM0_NAMES else "DEFAULT"
-    status = await connect_pending(
-        backend, timeouts, args.socket_dir, source=source, source_domain=source_id,
-        ident=ident, target=Target(args.target, user, args.target),
-        descriptor=command.descriptor)
-    return 0 if status is None else status
-
-
-def _main_connect_existing(args: argparse.Namespace, timeouts: Timeouts) -> int:
+def _run(args: argparse.Namespace, timeouts: Timeouts) -> int:
+    dom0 = args.target in DOM0_NAMES
+    if args.connect_existing is not None and not dom0:
+        try:
+            return run_until_signal(lambda: answer_with_vm_service(args, timeouts))
+        except UnknownRequest as exc:
+            return _fail(1, str(exc))
+        except (QrexecError, trio.TooSlowError) as exc:
+            return _fail(VM_CONNECT_FAILED, str(exc) or type(exc).__name__)
     try:
         backend = get_backend(send_finish=timeouts.send_finish)
-        return run_until_signal(lambda: connect_existing(args, backend, timeouts))
+        if args.connect_existing is not None:
+            return run_until_signal(lambda: answer_with_dom0_command(args, backend, timeouts))
+        return run_until_signal(lambda: run_call(args, backend, timeouts))
+    except UnknownRequest as exc:
+        return _fail(1, str(exc))
     except (QrexecError, trio.TooSlowError) as exc:
-        print(f"qrexec-client: {exc or type(exc).__name__}", file=sys.stderr)
-        return int(ExitStatus.CLIENT_CONNECT_FAILED if args.target not in DOM0_NAMES
-                   else ExitStatus.PROBLEM)
+        return _fail(ExitStatus.PROBLEM, str(exc) or type(exc).__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.use_stdin_socket:
+        if args.local_command is not None:
+            parser.error("at most one of -l and --use-stdin-socket can be specified")
+        problem = stdin_socket_problem()
+        if problem is not None:
+            print(f"qrexec-client: {problem}", file=sys.stderr)
+            return 2
+    dom0 = args.target in DOM0_NAMES
+    if dom0 and args.connect_existing is None:
+        if args.just_exec or args.local_command is not None:
+            parser.error("a dom0 to dom0 call takes neither -e nor -l")
+        return run_dom0_service(args)
     setup_logging(args, "qrexec-client")
     timeouts = Timeouts.from_env()
-    if args.connect_timeout is None:
-        args.connect_timeout = timeouts.data_vchan_accept
-    if args.connect_existing is not None:
-        return _main_connect_existing(args, timeouts)
-    if args.target in DOM0_NAMES:
-        print("qrexec-client: dom0 as a target needs -c (a VM's request to answer)",
-              file=sys.stderr)
-        return int(ExitStatus.PROBLEM)
-    try:
-        backend = get_backend(send_finish=timeouts.send_finish)
-        return run_until_signal(lambda: run_call(args, backend, timeouts))
-    except (QrexecError, trio.TooSlowError) as exc:
-        print(f"qrexec-client: {exc or type(exc).__name__}", file=sys.stderr)
-        return int(ExitStatus.PROBLEM)
+    args.connect_timeout = _connect_timeout(args.connect_timeout, timeouts)
+    return _run(args, timeouts)
 
 
 if __name__ == "__main__":

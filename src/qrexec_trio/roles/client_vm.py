@@ -56,13 +56,12 @@ import socket
 import stat
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 import structlog
 import trio
-from trio.lowlevel import FdStream
 
 from .._config import Timeouts
 from .._errors import QrexecError
@@ -93,6 +92,7 @@ from ..protocol import (
 )
 from ..xen import VchanBackend, get_backend
 from ._cli import add_logging_options, run_until_signal, setup_logging
+from ._local_io import LocalOutput, local_ends, stdin_socket_problem
 from ._vm_local import (
     DEFAULT_AGENT_SOCKET,
     FD_NUMBER,
@@ -261,87 +261,6 @@ def _resolve_program(name: str) -> str:
     return path
 
 
-# -- our own stdio -----------------------------------------------------------------
-
-
-class LocalOutput(trio.abc.SendStream):
-    """Where remote stdout goes: our stdout, or the stdin socket's sending side.
-
-    :meth:`close` ends it for its reader (our fd 1 itself is closed, not just
-    a duplicate); a reader that went away closes it too, and the failing
-    write raises so that the caller drops the rest.
-    """
-
-    def __init__(self, stream: trio.abc.SendStream, *, socket_stream: bool) -> None:
-        self._stream = stream
-        self._socket = socket_stream
-        self.closed = False
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if self.closed:
-            raise trio.ClosedResourceError
-        try:
-            await self._stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            log.debug("our stdout's reader went away; dropping remote stdout")
-            await self.close()
-            raise
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self._stream.wait_send_all_might_not_block()
-
-    async def close(self) -> None:
-        """End the output: the reader sees EOF (a socket: its sending side only)."""
-        if self.closed:
-            await trio.lowlevel.checkpoint()
-            return
-        self.closed = True
-        if self._socket:
-            assert isinstance(self._stream, trio.SocketStream)
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
-                                     OSError):
-                await self._stream.send_eof()
-            return
-        await self._stream.aclose()
-        # Our fd 1 too, or its reader never sees EOF; /dev/null keeps the number taken.
-        null = os.open(os.devnull, os.O_WRONLY)
-        try:
-            os.dup2(null, 1)
-        finally:
-            os.close(null)
-
-    async def aclose(self) -> None:
-        await self.close()
-
-
-@contextlib.asynccontextmanager
-async def local_ends(
-    args: argparse.Namespace,
-) -> AsyncIterator[tuple[trio.abc.ReceiveStream, LocalOutput, trio.abc.SendStream]]:
-    """Our input, our output and our stderr as trio streams.
-
-    With ``--use-stdin-socket`` fd 0 is a socket carrying both directions.
-    The streams own duplicates (trio makes them non-blocking while we run and
-    restores their mode when they are closed).
-    """
-    stderr = FdStream(os.dup(2))
-    if args.use_stdin_socket:
-        both = trio.SocketStream(trio.socket.from_stdlib_socket(socket.socket(fileno=os.dup(0))))
-        streams: list[trio.abc.AsyncResource] = [both, stderr]
-        source: trio.abc.ReceiveStream = both
-        output = LocalOutput(both, socket_stream=True)
-    else:
-        stdin, stdout = FdStream(os.dup(0)), FdStream(os.dup(1))
-        streams = [stdin, stdout, stderr]
-        source, output = stdin, LocalOutput(stdout, socket_stream=False)
-    try:
-        yield source, output, stderr
-    finally:
-        with trio.CancelScope(shield=True):
-            for stream in streams:
-                await stream.aclose()
-
-
 # -- R2 without PROG: copy our stdio to the sockets --------------------------------
 
 
@@ -423,8 +342,8 @@ async def r2_copy(
     args: argparse.Namespace, sockets: tuple[socket.socket, socket.socket, socket.socket]
 ) -> int:
     stdin_sock, stdout_sock, status_sock = (_stream(sock) for sock in sockets)
-    async with stdin_sock, stdout_sock, status_sock, local_ends(args) as (source, output,
-                                                                          stderr):
+    ends = local_ends(args.use_stdin_socket)
+    async with stdin_sock, stdout_sock, status_sock, ends as (source, output, stderr):
         status: int | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_copy_input, source, stdout_sock, _prefix(args))
@@ -597,7 +516,7 @@ async def trigger_call(
         async with link.stream:
             if program is not None:
                 return await _call_with_program(link, args, program, timeouts)
-            async with local_ends(args) as (source, output, stderr):
+            async with local_ends(args.use_stdin_socket) as (source, output, stderr):
                 end = _caller_end(args, source, output, stderr)
                 end.close_output = output.close
                 status = await call_data(link, end, finish_timeout=timeouts.send_finish)
@@ -756,22 +675,6 @@ def _options_end(parser: argparse.ArgumentParser, argv: Sequence[str]) -> list[s
     return out
 
 
-def _check_stdin_socket(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    if args.use_stdin_socket > 1:
-        parser.error("--use-stdin-socket passed twice")
-    if args.prog:
-        parser.error("cannot spawn a local process with --use-stdin-socket")
-    try:
-        kind = socket.socket(fileno=os.dup(0))
-    except OSError as exc:
-        if exc.errno == errno.ENOTSOCK:
-            parser.error("--use-stdin-socket passed, but stdin not a socket")
-        parser.error(f"--use-stdin-socket: {exc.strerror}")
-    with kind:
-        if kind.type != socket.SOCK_STREAM:
-            parser.error(f"stdin is a socket of type {int(kind.type)}, not SOCK_STREAM")
-
-
 def _default_filters(args: argparse.Namespace) -> None:
     if args.filter_stdout is None:
         args.filter_stdout = not args.prog and os.isatty(1)
@@ -804,8 +707,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(_options_end(parser, sys.argv[1:] if argv is None else argv))
     setup_logging(args, "qrexec-client-vm")
-    if args.use_stdin_socket:
-        _check_stdin_socket(parser, args)
+    if args.use_stdin_socket > 1:
+        parser.error("--use-stdin-socket passed twice")
+    if args.use_stdin_socket and args.prog:
+        parser.error("cannot spawn a local process with --use-stdin-socket")
+    if args.use_stdin_socket and (problem := stdin_socket_problem()) is not None:
+        parser.error(problem)
     _default_filters(args)
     try:
         args.buffer_size = parse_buffer_size(args.buffer_size)

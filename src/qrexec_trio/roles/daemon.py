@@ -29,7 +29,7 @@ from .._config import Timeouts
 from .._errors import QrexecError
 from .._logging import get_logger
 from .._sockets import listening_socket, serve_socket
-from ..domains import Domains, QubesdDomains, serve_admin
+from ..domains import DEFAULT_QUBESD_SOCKET, Domains, QubesdDomains, serve_admin
 from ..nursery import (
     CALL_FAILURES,
     Connection,
@@ -38,6 +38,7 @@ from ..nursery import (
     GroupLedger,
     call_id,
     child_process,
+    control_socket_path,
     one_error,
     registry_methods,
 )
@@ -53,6 +54,7 @@ from ..protocol import (
     Event,
     ExecCmdline,
     JustExec,
+    MsgType,
     PortAssigned,
     ProtocolError,
     RemoteProtocolError,
@@ -356,12 +358,14 @@ class Daemon:
         port = self.ports.allocate(0)
         if port is None:
             raise ConnectError("no free data port")
+        # Answered before the send's checkpoint, so that no second answer
+        # (another client's SERVICE_CONNECT) gets in meanwhile.
+        pending.answered.set()
         try:
             await self.send_to_agent(ServiceConnect(0, port, pending.request.request_id))
         except BaseException:
             self.ports.release(0, port)
             raise
-        pending.answered.set()
         return port
 
     async def send_to_agent(self, event: Event) -> None:
@@ -422,24 +426,56 @@ class Daemon:
                 log.debug("client went away")
 
     async def _serve_client(self, stream: trio.SocketStream) -> None:
+        """One client, as the reference daemon serves it: HELLO, one request, then RUNNING.
+
+        Whatever the client does wrong ends this client only, logged; a port
+        is allocated only once a whole valid request is in.
+        """
         link = FramedLink(stream, Direction.CLIENT_TO_DAEMON)
-        with trio.fail_after(self.timeouts.client_request):
-            await link.send_hello(CLIENT_PROTOCOL_VERSION)
-            link.version = negotiate_version(
-                CLIENT_PROTOCOL_VERSION, await link.receive_hello(), CLIENT_PROTOCOL_VERSION
-            )
-            request = await link.receive()
-            if request is None:
-                return
-            if not self._control_up.is_set():
+        request: Event | None = None
+        with trio.move_on_after(self.timeouts.client_request) as deadline:
+            request = await self._client_request(link)
+            if request is not None:
+                # The agent may be reconnecting: the request waits for it, as long.
                 await self._control_up.wait()
+        if deadline.cancelled_caught:
+            waited_for = "a request" if request is None else "the agent"
+            log.warning("client dropped", error=f"waited {self.timeouts.client_request:g}s "
+                        f"for {waited_for}")
+            return
         match request:
+            case None:
+                return
             case ServiceConnect():
                 await self._client_service_connect(link, request)
             case ExecCmdline() | JustExec():
                 await self._client_exec(link, request)
             case _:  # the reader lets nothing else through on this link
                 raise AssertionError(f"unexpected {request!r}")
+
+    async def _client_request(self, link: FramedLink) -> Event | None:
+        """The HELLO exchange and the client's one request (None: nothing to do, logged)."""
+        await link.send_hello(CLIENT_PROTOCOL_VERSION)
+        version = await link.receive_hello()
+        link.version = negotiate_version(CLIENT_PROTOCOL_VERSION, version,
+                                         CLIENT_PROTOCOL_VERSION)
+        if version != CLIENT_PROTOCOL_VERSION:
+            # The reference takes version 3 and nothing else (handle_client_hello).
+            raise RemoteProtocolError(
+                "hello.version",
+                f"client speaks version {version}, need exactly {CLIENT_PROTOCOL_VERSION}")
+        try:
+            request = await link.receive()
+        except UndecodableMessage as exc:
+            if (exc.msg_type, exc.field) != (MsgType.SERVICE_CONNECT, "request_id"):
+                raise
+            # An id no request can have (over 31 bytes, or a byte no id has): to
+            # the reference it is just one that matches nothing pending.
+            log.warning("SERVICE_CONNECT for a request that is not pending", error=str(exc))
+            return None
+        if request is None:
+            log.debug("client closed before its request")
+        return request
 
     async def _client_exec(self, link: FramedLink, request: ExecCmdline | JustExec) -> None:
         if request.connect_port != 0:
@@ -468,48 +504,71 @@ class Daemon:
             try:
                 await link.send(PortAssigned(forward.msg_type, self.domid, port))
                 await self.send_to_agent(replace(forward, connect_port=port))
-            except BaseException:
+            except BaseException as exc:
                 # The agent never heard of this port: nobody else will free it.
                 self.ports.release(domain, port)
                 self._port_waiters.pop(port, None)
+                log.info("request not forwarded; port freed", error=str(exc) or type(exc).__name__)
                 raise
             log.info("request forwarded", type=forward.msg_type.name)
             conn.running()
             await _wait_running(link.stream, released)
 
     async def _client_service_connect(self, link: FramedLink, connect: ServiceConnect) -> None:
-        if connect.connect_port != 0:
-            # The port was allocated elsewhere: pass the answer on as it is.
-            await self.send_to_agent(connect)
+        """A pending request answered through our socket (policy program, ``qrexec-client -c``).
+
+        The agent always gets the 32-byte form of the id, however the client
+        sent it (see :class:`ServiceConnect`).
+        """
+        port = connect.connect_port
+        if port != 0 and not FIRST_DATA_PORT <= port <= LAST_DATA_PORT:
+            # Checked before the id (the reference checks after it), so that a
+            # bad answer leaves the request pending for a good one or a refusal,
+            # rather than marked answered with nothing sent.
+            log.warning("client dropped", error=f"SERVICE_CONNECT to port {port}, not a data "
+                        f"port ({FIRST_DATA_PORT}..{LAST_DATA_PORT})")
             return
-        pending = self._requests.get(connect.request_id)
+        ident = connect.request_id
+        pending = self._requests.get(ident)
         if pending is None or pending.answered.is_set():
             log.warning("SERVICE_CONNECT for a request that is not pending",
-                        request=connect.request_id.decode())
+                        request=ident.decode())
             return
-        port = await self.answer(pending)
-        released = self._port_waiters[port] = trio.Event()
-        await link.send(PortAssigned(connect.msg_type, self.domid, port))
-        await _wait_running(link.stream, released)
+        if port == 0:
+            # dom0 serves the call: the port is ours, and so is telling the client it ended.
+            port = await self.answer(pending)
+            released = self._port_waiters[port] = trio.Event()
+            await link.send(PortAssigned(connect.msg_type, self.domid, port))
+            await _wait_running(link.stream, released)
+            return
+        # A VM-to-VM answer (the reference's qrexec-client -c): the target's
+        # daemon allocated the port, so there is no reply and no port of ours.
+        # Answered before the send, so that no second answer gets in meanwhile.
+        pending.answered.set()
+        await self.send_to_agent(ServiceConnect(connect.connect_domain, port, ident))
+        log.info("request answered by a client", request=ident.decode(),
+                 domain=connect.connect_domain, port=port)
+        # As the reference (CLIENT_RUNNING): open until the client closes it.
+        await _wait_running(link.stream, None)
 
 
-async def _wait_running(stream: trio.abc.Stream, released: trio.Event) -> None:
-    """A client in RUNNING state: it may only close; we close it when its port is freed."""
+async def _wait_running(stream: trio.abc.Stream, released: trio.Event | None) -> None:
+    """A client in RUNNING state: it may only close.
+
+    With ``released``, we close it ourselves when its port is freed.
+    """
     async with trio.open_nursery() as nursery:
 
-        async def close_on_release() -> None:
+        async def close_on_release(released: trio.Event) -> None:
             await released.wait()
             nursery.cancel_scope.cancel()
 
-        nursery.start_soon(close_on_release)
+        if released is not None:
+            nursery.start_soon(close_on_release, released)
         data = await stream.receive_some(1)
         if data:
             log.warning("client sent data after its request; closing it")
         nursery.cancel_scope.cancel()
-
-
-def control_socket_path(socket_dir: str, domid: int) -> str:
-    return os.path.join(socket_dir, f"qrexec-trio-control.{domid}")
 
 
 def _what(cmdline: bytes) -> str:
@@ -557,9 +616,10 @@ def build_parser() -> argparse.ArgumentParser:
     policy.add_argument("--policy-exec", metavar="PROGRAM",
                         help="R2 mode: run 'PROGRAM -- SOURCE TARGET SERVICE[+ARG] IDENT', "
                         "which decides and connects the call itself (e.g. qrexec-policy)")
-    policy.add_argument("--qubesd-socket", metavar="PATH",
+    policy.add_argument("--qubesd-socket", metavar="PATH", default=DEFAULT_QUBESD_SOCKET,
                         help="the domain manager's admin socket, for DispVMs and autostart "
-                        "(qubesd's /run/qubesd.sock, or a local world's)")
+                        f"(default qubesd's {DEFAULT_QUBESD_SOCKET}; a local world passes its "
+                        "own); '' for none")
     policy.add_argument("--max-calls", type=int, default=DEFAULT_MAX_CALLS, metavar="N",
                         help="VM-initiated calls of this VM at once; more are refused at once "
                         f"(default {DEFAULT_MAX_CALLS})")

@@ -104,6 +104,9 @@ class Runner:
     euid: int = field(default_factory=os.geteuid)
     #: Run non-executable handler files with /bin/sh, as R2's multiplexer did.
     allow_scripts: bool = False
+    #: The shell for plain commands when no user switch is needed (dom0's
+    #: reference client runs them with bash; a VM's agent with /bin/sh).
+    shell: str = "/bin/sh"
 
     def identity_for(self, user: str | None) -> Identity:
         """As root: the requested user. Otherwise only ourselves (else 125)."""
@@ -161,7 +164,7 @@ class Runner:
     def _plan_shell(self, command: ShellCommand, identity: Identity) -> ProgramPlan:
         env = self.environment(identity, {})
         if identity.uid is None:
-            return ProgramPlan(["/bin/sh", "-c", command.command], env, identity,
+            return ProgramPlan([self.shell, "-c", command.command], env, identity,
                                what="shell command")
         # A login shell, as su - does it: argv[0] starts with "-".
         shell = identity.shell
