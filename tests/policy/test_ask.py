@@ -60,7 +60,7 @@ def test_prompt_receives_the_question_as_json_and_picks_a_target(tmp_path: Path)
         "service": "test.Svc",
         "argument": "",
         "requested_target": "@default",
-        "targets": ["disp7", "dvm", "fedora", "personal", "work", "@dispvm:dvm"],
+        "targets": ["disp7", "dvm", "fedora", "personal", "@dispvm:dvm"],  # never the caller
         "default_target": "personal",
     }
 

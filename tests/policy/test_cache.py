@@ -5,9 +5,33 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from qrexec_trio.policy import PolicyCache
 
 from .helpers import decide, policy_d, r2_dir, write
+
+
+@pytest.fixture(autouse=True, params=["inotify", "stat"])
+def change_detection(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test twice: told of changes by the kernel, and checking files on each call."""
+    if request.param == "stat":
+        monkeypatch.setattr("qrexec_trio.policy._cache.open_watcher", lambda: None)
+    return str(request.param)
+
+
+def test_a_cached_evaluation_checks_no_file_until_one_changes(
+    tmp_path: Path, change_detection: str
+) -> None:
+    root = policy_d(tmp_path, {"50-a.policy": "test.A * @anyvm @anyvm deny\n"})
+    cache = PolicyCache(None, str(root))
+    for _ in range(50):
+        decide(cache, "work", "personal", "test.A")
+    checks = cache.checks
+    assert checks == (50 if change_detection == "stat" else 2)
+    _bump(root / "50-a.policy", "test.A * @anyvm @anyvm allow\n")
+    assert decide(cache, "work", "personal", "test.A").action.value == "allow"
+    assert cache.loads == 2
 
 
 def _bump(path: Path, text: str) -> None:

@@ -136,16 +136,19 @@ def test_ask_with_assume_yes(tmp_path: Path) -> None:
 
 
 def test_assume_yes_for_default_needs_the_default_target_to_exist(tmp_path: Path) -> None:
-    # The minimal registry only knows dom0 and work, so default_target=personal
-    # cannot be offered; with a registry that has it, it is taken.
+    # A registry that lacks default_target=personal cannot offer it; one that
+    # has it (a real one, or the one guessed from the request and the rules'
+    # names) takes it.
     args = ("--assume-yes-for-ask", "--", "work", "@default", "test.Ask")
-    assert _run(tmp_path, *args)[:2] == (1, "result=deny\n")
-    info = {"domains": {"dom0": {"type": "AdminVM"}, "work": {"type": "AppVM"},
-                        "personal": {"type": "AppVM"}}}
+    info = {"domains": {"dom0": {"type": "AdminVM"}, "work": {"type": "AppVM"}}}
+    path = write(tmp_path / "without.json", json.dumps(info))
+    assert _run(tmp_path, "--system-info", str(path), *args)[:2] == (1, "result=deny\n")
+    info["domains"]["personal"] = {"type": "AppVM"}
     path = write(tmp_path / "system.json", json.dumps(info))
-    status, out, _ = _run(tmp_path, "--system-info", str(path), *args)
-    assert status == 0
-    assert "target=personal\n" in out
+    for options in (("--system-info", str(path)), ()):
+        status, out, _ = _run(tmp_path, *options, *args)
+        assert status == 0
+        assert "target=personal\n" in out
 
 
 def test_ask_with_assume_yes_and_just_evaluate(tmp_path: Path) -> None:
@@ -162,8 +165,9 @@ def test_ask_with_prompt_program(tmp_path: Path) -> None:
     status, out, _ = _run(tmp_path, "--ask-program", str(program), "--",
                           "work", "@default", "test.Ask")
     assert status == 0
-    # minimal registry: dom0 (never offered to @anyvm) and work
-    assert "target=work\n" in out
+    # The registry guessed from the request and the rules' names: dom0 (never
+    # offered to @anyvm), the caller work (never offered) and personal.
+    assert "target=personal\n" in out
 
 
 def test_r2_policy_dir(tmp_path: Path) -> None:

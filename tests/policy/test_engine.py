@@ -229,10 +229,12 @@ def test_ask_offers_every_target_the_policy_would_allow_or_ask_for(tmp_path: Pat
     assert decision.default_target == "personal"
 
 
-def test_ask_for_a_named_target_offers_it_first(tmp_path: Path) -> None:
+def test_ask_for_a_named_target_offers_it_but_does_not_preselect_it(tmp_path: Path) -> None:
+    # Only default_target= pre-selects (as the reference): the caller does not
+    # choose what the user confirms by pressing Enter.
     decision = decide(one_file(tmp_path, ASK_POLICY), "work", "dvm", "test.Svc")
     assert decision.action is Action.ASK
-    assert decision.default_target == "dvm"
+    assert decision.default_target is None
     assert "dvm" in decision.ask_targets
 
 
@@ -240,7 +242,7 @@ def test_ask_with_redirect_offers_only_the_redirect(tmp_path: Path) -> None:
     decision = decide(one_file(tmp_path, ASK_POLICY), "work", "fedora", "test.Svc")
     assert decision.action is Action.ASK
     assert decision.ask_targets == ("personal",)
-    assert decision.default_target == "personal"
+    assert decision.default_target is None
 
 
 def test_ask_default_target_must_be_offered(tmp_path: Path) -> None:

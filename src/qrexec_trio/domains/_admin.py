@@ -13,9 +13,9 @@ reply::
 
 The functions here turn these bytes into values and back, and the values of
 the few calls we use (``admin.vm.List``, ``admin.vm.property.Get``,
-``admin.vm.tag.List``) into Python objects and back. Both ends use them: the
-Qubes implementation of ``Domains`` and the admin server that offers any
-``Domains`` over a qubesd-like socket.
+``admin.vm.tag.List``, ``internal.GetSystemInfo``) into Python objects and
+back. Both ends use them: the Qubes implementation of ``Domains`` and the
+admin server that offers any ``Domains`` over a qubesd-like socket.
 
 Everything read is checked against a strict character set and a size bound
 before use: a destination ends up in log lines and, in the local world, in
@@ -26,17 +26,21 @@ as a plain :class:`DomainsError`.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from ..protocol import is_qube_name
-from ._interface import DomainsError
+from ._interface import Domain, DomainsError
 
 #: The longest request and the longest reply either end accepts, in bytes.
 MAX_REQUEST_SIZE: Final = 65535
 MAX_REPLY_SIZE: Final = 65535
+#: ...but ``internal.GetSystemInfo`` lists every domain with its facts (some
+#: 400 bytes each on Qubes), so its reply may be longer.
+MAX_SYSTEM_INFO_SIZE: Final = 8 << 20
 
 #: ``kind`` of the errors a client makes up itself, never received from qubesd:
 #: the reply did not follow the protocol...
@@ -181,10 +185,10 @@ def decode_request(data: bytes) -> AdminRequest:
 # -- replies -----------------------------------------------------------------------
 
 
-def encode_reply_ok(value: bytes) -> bytes:
+def encode_reply_ok(value: bytes, *, max_size: int = MAX_REPLY_SIZE) -> bytes:
     data = b"0\0" + value
-    if len(data) > MAX_REPLY_SIZE:
-        raise AdminProtocolError("reply", f"longer than {MAX_REPLY_SIZE} bytes")
+    if len(data) > max_size:
+        raise AdminProtocolError("reply", f"longer than {max_size} bytes")
     return data
 
 
@@ -202,15 +206,15 @@ def encode_reply_error(kind: str, message: str) -> bytes:
     return head + text[:room] + b"\0"
 
 
-def decode_reply(data: bytes) -> bytes:
+def decode_reply(data: bytes, *, max_size: int = MAX_REPLY_SIZE) -> bytes:
     """The value of a success reply; raises the error of an error reply.
 
     Strict on the status (only ``0`` and ``2``; ``1`` is qubesd's event stream,
     which no call we make may return) and on the exception type; lenient on
     what follows it: the traceback, the message and the final NUL may be missing.
     """
-    if len(data) > MAX_REPLY_SIZE:
-        raise AdminProtocolError("reply", f"longer than {MAX_REPLY_SIZE} bytes")
+    if len(data) > max_size:
+        raise AdminProtocolError("reply", f"longer than {max_size} bytes")
     status = data[:2]
     if status == b"0\0":
         return data[2:]
@@ -337,3 +341,47 @@ def decode_tags(value: bytes) -> tuple[str, ...]:
         if len(tag) > MAX_TAG_LEN or not _TAG.fullmatch(tag):
             raise AdminProtocolError(f"tags line {number}", "not a tag")
     return tuple(tags)
+
+
+# -- values: internal.GetSystemInfo ----------------------------------------------------
+#
+# qubesd (qubes/api/internal.py) answers with ``json.dumps`` of
+# ``{"domains": {NAME: {...}}}``, per domain: ``tags`` (list), ``type`` (the class
+# name), ``template_for_dispvms`` (bool), ``default_dispvm`` (name or null),
+# ``power_state`` (``Running``, ``Halted``, ...), ``icon``, ``label``, ``guivm``,
+# ``relayvm``, ``transport_rpc``, ``internal``, ``uuid``; newer releases add keys.
+# Checking the facts is the policy's business (``system_info_from_json``); here only
+# the framing: UTF-8 JSON whose top is an object.
+
+
+def encode_system_info(domains: Iterable[Domain]) -> bytes:
+    """The answer for ``domains``, in qubesd's shape, with what a Domain knows.
+
+    A Domain has no label, icon, GUI VM or UUID: those are left out (the
+    reader takes them as unknown).
+    """
+    entries: dict[str, dict[str, Any]] = {}
+    for domain in domains:
+        if not is_qube_name(domain.name):
+            raise AdminProtocolError("system info", f"{domain.name!r} is not a qube name")
+        entries[domain.name] = {
+            "tags": list(domain.tags),
+            "type": domain.type,
+            "template_for_dispvms": domain.template_for_dispvms,
+            "default_dispvm": domain.default_dispvm,
+            "power_state": "Running" if domain.running else "Halted",
+        }
+    return json.dumps({"domains": entries}).encode("ascii")
+
+
+def decode_system_info(value: bytes) -> dict[str, Any]:
+    """The decoded JSON object of an ``internal.GetSystemInfo`` answer."""
+    try:
+        data = json.loads(value.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise AdminProtocolError("system info", "not UTF-8") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise AdminProtocolError("system info", f"not JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise AdminProtocolError("system info", "not a JSON object")
+    return data

@@ -9,6 +9,10 @@ makes, nothing else:
 * ``admin.vm.tag.List``
 * ``admin.vm.Start``, ``admin.vm.Kill``
 * ``admin.vm.CreateDisposable`` (dest ``dom0``: the caller's ``default_dispvm``)
+* ``internal.GetSystemInfo`` (dest ``dom0``): every domain's facts for the policy,
+  in qubesd's JSON, from the live listing (DispVMs included, ``power_state`` as
+  the domain runs or not). qubesd serves it on a socket of its own; here one
+  socket serves all.
 
 Each connection is one task: read the request to EOF (bounded in size and
 time), answer, close. Whatever a connection does, the server goes on serving
@@ -31,7 +35,9 @@ import trio
 from .._logging import get_logger
 from .._sockets import listening_socket, serve_socket
 from ._admin import (
+    MAX_REPLY_SIZE,
     MAX_REQUEST_SIZE,
+    MAX_SYSTEM_INFO_SIZE,
     AdminProtocolError,
     AdminRequest,
     ListEntry,
@@ -40,6 +46,7 @@ from ._admin import (
     encode_property,
     encode_reply_error,
     encode_reply_ok,
+    encode_system_info,
     encode_tags,
     encode_vm_list,
     is_domain_name,
@@ -168,7 +175,9 @@ async def _answer(table: _Table, data: bytes) -> bytes:
         try:
             if handler is None:
                 raise AdminCallRefused(NOT_IMPLEMENTED, f"no method {request.method}")
-            reply = encode_reply_ok(await handler(request))
+            value = await handler(request)
+            reply = encode_reply_ok(value, max_size=_REPLY_LIMITS.get(request.method,
+                                                                      MAX_REPLY_SIZE))
         except AdminCallRefused as exc:
             log.info("admin call refused", kind=exc.kind, error=exc.message)
             return encode_reply_error(exc.kind, exc.message)
@@ -288,7 +297,17 @@ async def _create_disposable(domains: Domains, request: AdminRequest) -> bytes:
     return name.encode("ascii")
 
 
-_QUERIES: Final = frozenset({"admin.vm.List", "admin.vm.property.Get", "admin.vm.tag.List"})
+async def _system_info(domains: Domains, request: AdminRequest) -> bytes:
+    _expect(request)
+    if _dest_name(request) != "dom0":
+        # As qubesd: the call is addressed to the AdminVM.
+        raise AdminCallRefused(REQUEST_ERROR, "expected destination to be AdminVM")
+    return encode_system_info(await domains.list())
+
+
+_QUERIES: Final = frozenset({"admin.vm.List", "admin.vm.property.Get", "admin.vm.tag.List",
+                             "internal.GetSystemInfo"})
+_REPLY_LIMITS: Final = {"internal.GetSystemInfo": MAX_SYSTEM_INFO_SIZE}
 
 _HANDLERS: Final[dict[str, _Handler]] = {
     "admin.vm.List": _vm_list,
@@ -297,4 +316,5 @@ _HANDLERS: Final[dict[str, _Handler]] = {
     "admin.vm.Start": _start,
     "admin.vm.Kill": _kill,
     "admin.vm.CreateDisposable": _create_disposable,
+    "internal.GetSystemInfo": _system_info,
 }

@@ -17,12 +17,18 @@ A property or tag call that qubesd answers with an error (dom0 has no
 ``default_user``, for one) leaves that field at the ``Domain`` default. A
 reply that breaks the protocol, or no reply at all, fails the whole listing:
 a half-understood qubesd is not one to guess about.
+
+What the policy needs about every domain comes in one call instead,
+``internal.GetSystemInfo`` (:meth:`QubesdDomains.get_system_info`), as the
+reference's policy daemon asks it. qubesd serves the ``internal.*`` calls on
+its *internal* socket (``/run/qubesd.internal.sock``), not on the admin one:
+that call needs a client made with that path.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Final
+from typing import Any, Final
 
 import trio
 
@@ -32,12 +38,14 @@ from ..protocol import is_qube_name
 from ._admin import (
     COMMUNICATION_ERROR,
     MAX_REPLY_SIZE,
+    MAX_SYSTEM_INFO_SIZE,
     PROTOCOL_ERROR,
     AdminProtocolError,
     ListEntry,
     PropertyValue,
     decode_property,
     decode_reply,
+    decode_system_info,
     decode_tags,
     decode_vm_list,
     encode_request,
@@ -48,6 +56,9 @@ from ._interface import Domain, DomainsError
 log = get_logger(__name__)
 
 DEFAULT_QUBESD_SOCKET: Final = "/run/qubesd.sock"
+#: qubesd's socket for dom0's own components (``internal.*`` calls).
+DEFAULT_QUBESD_INTERNAL_SOCKET: Final = "/run/qubesd.internal.sock"
+SYSTEM_INFO_CALL: Final = "internal.GetSystemInfo"
 
 _XID: Final = re.compile(r"-?[0-9]{1,10}")
 _USER: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
@@ -94,13 +105,27 @@ class QubesdDomains:
                 raise
             log.debug("kill: domain was not running", domain=name)
 
-    async def call(self, method: str, dest: str, arg: str = "", payload: bytes = b"") -> bytes:
-        """One admin call; its value, or DomainsError (qubesd's type as ``kind``)."""
+    async def get_system_info(self) -> dict[str, Any]:
+        """qubesd's facts about every domain, for the policy (decoded JSON).
+
+        The request is ``internal.GetSystemInfo dom0 name dom0\\0`` (destination
+        dom0, no argument, no payload); qubesd serves it on its internal socket.
+        Checking the facts is the caller's (``system_info_from_json``).
+        """
+        value = await self.call(SYSTEM_INFO_CALL, "dom0", max_reply=MAX_SYSTEM_INFO_SIZE)
+        return decode_system_info(value)
+
+    async def call(self, method: str, dest: str, arg: str = "", payload: bytes = b"", *,
+                   max_reply: int = MAX_REPLY_SIZE) -> bytes:
+        """One admin call; its value, or DomainsError (qubesd's type as ``kind``).
+
+        A reply longer than ``max_reply`` bytes breaks the protocol.
+        """
         request = encode_request(method, dest, arg=arg, payload=payload)
         what = f"{method}+{arg}" if arg else method
         try:
             with trio.fail_after(self.call_timeout):
-                raw = await self._exchange(request, what)
+                raw = await self._exchange(request, what, max_reply)
         except trio.TooSlowError:
             raise DomainsError(
                 COMMUNICATION_ERROR,
@@ -113,13 +138,13 @@ class QubesdDomains:
                 f"{what} {dest}: {self.socket_path} closed the connection without answering",
             )
         try:
-            return decode_reply(raw)
+            return decode_reply(raw, max_size=max_reply)
         except DomainsError as exc:
             log.debug("admin call failed", call=what, dest=dest, kind=exc.kind,
                       error=exc.message)
             raise
 
-    async def _exchange(self, request: bytes, what: str) -> bytes:
+    async def _exchange(self, request: bytes, what: str, max_reply: int) -> bytes:
         try:
             stream = await trio.open_unix_socket(self.socket_path)
         except OSError as exc:
@@ -138,7 +163,7 @@ class QubesdDomains:
             reply = bytearray()
             while True:
                 try:
-                    chunk = await stream.receive_some(MAX_REPLY_SIZE + 1)
+                    chunk = await stream.receive_some(1 << 16)
                 except trio.BrokenResourceError as exc:
                     raise DomainsError(
                         COMMUNICATION_ERROR, f"{what}: connection to qubesd broken: {exc}"
@@ -146,10 +171,8 @@ class QubesdDomains:
                 if not chunk:
                     return bytes(reply)
                 reply += chunk
-                if len(reply) > MAX_REPLY_SIZE:
-                    raise AdminProtocolError(
-                        f"{what} reply", f"longer than {MAX_REPLY_SIZE} bytes"
-                    )
+                if len(reply) > max_reply:
+                    raise AdminProtocolError(f"{what} reply", f"longer than {max_reply} bytes")
 
     # -- one domain's details -------------------------------------------------------
 

@@ -77,10 +77,15 @@ def resolve_ask(decision: Decision, *, assume_yes: bool, prompt: Prompt | None) 
     if decision.action is not Action.ASK:
         return decision
     if assume_yes:
+        # As the reference: the target the caller asked for, if it is on offer;
+        # else the rule's default_target= (ours: the reference denies then).
+        requested = decision.request.target
+        if requested in decision.ask_targets:
+            return decision.allow(requested, "ask: assumed yes for the requested target")
         if decision.default_target is None:
             return decision.deny(
-                "ask: --assume-yes-for-ask, but no target to assume (the caller named"
-                " none and the rule has no default_target=)"
+                "ask: --assume-yes-for-ask, but no target to assume (the requested one is"
+                " not on offer and the rule has no default_target=)"
             )
         return decision.allow(decision.default_target, "ask: assumed yes")
     if prompt is None:

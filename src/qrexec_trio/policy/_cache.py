@@ -2,8 +2,10 @@
 
 Every file and directory that went into the policy (and every path that was
 looked for and missing) is remembered with its signature (device, inode, mtime,
-ctime, size). Before each evaluation the paths are stat'ed again; if any differs,
-the policy is rebuilt. A rebuild re-parses only the files that changed: the
+ctime, size). The kernel tells us when any of them may have changed (inotify,
+see :mod:`._inotify`); only then are the paths stat'ed again, and if any
+differs, the policy is rebuilt. (Without inotify, they are stat'ed before each
+evaluation.) A rebuild re-parses only the files that changed: the
 others' parse results are reused, so one edit costs one file's parse.
 """
 
@@ -23,6 +25,7 @@ from ._files import (
     list_policy_dir,
     read_policy_file,
 )
+from ._inotify import open_watcher
 from ._multifile import load_multifile_dir, parse_multifile_lines, parse_service_file_lines
 from ._parsed import FileMode, MultiFileMode, ParsedFile, R2FileMode
 from ._r2 import load_r2_dir, parse_r2_lines
@@ -115,16 +118,22 @@ def _load(
     reader = _Reader(previous)
     rules: list[Rule] = []
     errors: list[PolicySyntaxError] = []
-    # R2 per-service files come first: each is specific to one service, and they
-    # stand where the R4.x compatibility include put them, ahead of the defaults.
-    if r2_dir is not None:
+    # A "!compat-4.0" in policy.d reads the legacy files at its own place, as
+    # today's dom0 does (the stock 35-compat.policy holds one).
+    multi = (
+        None if policy_d is None
+        else load_multifile_dir(policy_d, reader, required=required, legacy_dir=r2_dir)
+    )
+    # Without one, R2 per-service files come first: each is specific to one
+    # service, and they stand where the R4.x compatibility include put them,
+    # ahead of the defaults.
+    if r2_dir is not None and (multi is None or not multi.compat_seen):
         r2_rules, r2_errors = load_r2_dir(r2_dir, reader, required=required)
         rules += r2_rules
         errors += r2_errors
-    if policy_d is not None:
-        multi_rules, multi_errors = load_multifile_dir(policy_d, reader, required=required)
-        rules += multi_rules
-        errors += multi_errors
+    if multi is not None:
+        rules += multi.rules
+        errors += multi.errors
     return LoadResult(Policy(rules, errors), reader.watched, reader.used, reader.files_parsed)
 
 
@@ -148,20 +157,58 @@ class PolicyCache:
         self,
         r2_dir: str | None = DEFAULT_R2_DIR,
         policy_d: str | None = DEFAULT_POLICY_D,
+        *,
+        notify: bool = True,
     ) -> None:
+        """``notify``: learn of changes from the kernel (inotify) where it can,
+        rather than by checking every file before each evaluation."""
         self.r2_dir = r2_dir
         self.policy_d = policy_d
         #: How many files have been parsed in total (for tests and the benchmark).
         self.files_parsed = 0
         #: How many times the policy was (re)built.
         self.loads = 0
+        #: How many times the files' signatures were checked (for tests and the benchmark).
+        self.checks = 0
         self._current: LoadResult | None = None
+        self._watcher = open_watcher() if notify else None
+        # Whether the watcher covers every path of the current policy.
+        self._watching = False
 
     def policy(self) -> Policy:
         current = self._current
-        if current is None or any_changed(current.watched):
-            current = self._reload(current)
-        return current.policy
+        if current is not None and self._watching:
+            assert self._watcher is not None
+            if not self._watcher.changed():
+                return current.policy
+        while True:
+            self.checks += 1
+            if current is None or any_changed(current.watched):
+                current = self._reload(current)
+            if not self._watch(current):
+                return current.policy
+            # A change between reading the files and watching them sent no
+            # event: check once more now that every watch is in place.
+            self.checks += 1
+            if not any_changed(current.watched):
+                return current.policy
+
+    def _watch(self, current: LoadResult) -> bool:
+        """Watch the current policy's paths; False: check them on every call instead."""
+        if self._watcher is None:
+            return False
+        self._watching = self._watcher.watch_paths(current.watched)
+        if not self._watching:
+            self._watcher.close()
+            self._watcher = None
+        return self._watching
+
+    def close(self) -> None:
+        """Release the inotify descriptor (the cache then checks files on each call)."""
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
+        self._watching = False
 
     def evaluate(self, request: Request, system_info: SystemInfo) -> Decision:
         return self.policy().evaluate(request, system_info)

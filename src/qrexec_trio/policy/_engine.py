@@ -24,11 +24,13 @@ from ._names import (
 from ._rules import Action, Location, Rule, TargetValue
 from ._system_info import DomainInfo, SystemInfo
 from ._tokens import (
+    DISPVM_KEYWORD,
     AdminVMToken,
     DefaultTarget,
     DispVMTarget,
     NamedTarget,
     RequestTarget,
+    dispvm_choice,
     effective_dispvm_template,
 )
 
@@ -68,7 +70,8 @@ class Decision:
     user: str | None = None
     autostart: bool = True
     notify: bool = False
-    #: ask: the targets the user may choose from, and the one offered first.
+    #: ask: the targets the user may choose from (never the caller), and the one
+    #: pre-selected: only ever the rule's ``default_target=``, when it is offered.
     ask_targets: tuple[str, ...] = ()
     default_target: str | None = None
     #: The rule that decided, if one did.
@@ -126,6 +129,20 @@ class Policy:
     def rules_for(self, service: str) -> tuple[Rule, ...]:
         return self._rules_by_service.get(service, self._wildcard_rules)
 
+    def redirect_names(self) -> frozenset[str]:
+        """The qubes that ``target=`` and ``default_target=`` name.
+
+        A redirect to a qube the registry does not know is denied. A registry
+        that is only a guess (built from the names of one request, when nothing
+        better is at hand) should know these too, or every redirect fails.
+        """
+        return frozenset(
+            value.name
+            for rule in self.rules
+            for value in (rule.params.target, rule.params.default_target)
+            if isinstance(value, NamedTarget)
+        )
+
     def evaluate(self, request: Request, system_info: SystemInfo) -> Decision:
         return evaluate(self, request, system_info)
 
@@ -166,25 +183,23 @@ def evaluate(policy: Policy, request: Request, system_info: SystemInfo) -> Decis
 
 def _first_match(rules: Sequence[Rule], call: _Call, target: RequestTarget) -> Rule | None:
     """The first rule for ``call``'s caller, service and argument that matches
-    ``target`` (the requested one, or a candidate when listing ask choices)."""
-    argument = call.request.argument
+    the requested ``target``."""
     for rule in rules:
-        if rule.argument is not None and rule.argument != argument:
-            continue
-        if not rule.source.matches_source(call.source):
-            continue
-        if rule.target.matches_target(target, call.source, call.system_info):
+        if _matches_but_target(rule, call) and rule.target.matches_target(
+            target, call.source, call.system_info
+        ):
             return rule
     return None
 
 
 def _allow(rule: Rule, call: _Call) -> Decision:
     # The redirect is applied after the match and is not matched again: the
-    # policy author who wrote target= decided where the call goes.
+    # policy author who wrote target= decided where the call goes. It must still
+    # exist, though: a redirect to a qube that is gone denies (as the reference).
     redirect = rule.params.target
     destination = _resolve(call.target if redirect is None else redirect, call)
     if destination is None:
-        return deny(call.request, _unresolvable(rule, call.target), rule.location)
+        return deny(call.request, _unresolvable(rule, call), rule.location)
     return Decision(
         Action.ALLOW, call.request, target=destination, user=rule.params.user,
         autostart=rule.params.autostart, notify=bool(rule.params.notify),
@@ -195,8 +210,12 @@ def _allow(rule: Rule, call: _Call) -> Decision:
 def _ask(rules: Sequence[Rule], rule: Rule, call: _Call) -> Decision:
     choices = _ask_choices(rules, rule, call)
     if not choices:
-        return deny(call.request, _unresolvable(rule, call.target), rule.location)
-    default = _default_choice(rule, call)
+        return deny(call.request, "ask rule, but no target is left to offer", rule.location)
+    # Only the rule's default_target= is pre-selected, never what the caller
+    # named: the caller must not be able to choose what the user confirms by
+    # pressing Enter. One that cannot be offered is dropped (the reference asserts).
+    wanted = rule.params.default_target
+    default = None if wanted is None else _resolve(wanted, call)
     return Decision(
         Action.ASK, call.request, user=rule.params.user, autostart=rule.params.autostart,
         notify=bool(rule.params.notify), ask_targets=choices,
@@ -206,55 +225,84 @@ def _ask(rules: Sequence[Rule], rule: Rule, call: _Call) -> Decision:
 
 
 def _ask_choices(rules: Sequence[Rule], rule: Rule, call: _Call) -> tuple[str, ...]:
-    """Every target the policy would allow or ask for, for this caller and call."""
+    """What the user may choose from, as the reference's ``collect_targets_for_ask``.
+
+    With ``target=`` on the ask rule, only that target. Otherwise every rule for
+    this caller, service and argument is applied from the last to the first
+    (whatever its target column says): allow and ask rules add what their target
+    (or their ``target=``) stands for, deny rules take theirs away, so an earlier
+    rule wins over a later one, as in evaluation. Then ``@dispvm`` becomes the
+    caller's default template, and the caller itself is removed: a qube never
+    calls itself (the reference refuses loopback calls, QubesOS/qubes-issues#951).
+    """
     if rule.params.target is not None:
         only = _resolve(rule.params.target, call)
-        return () if only is None else (only,)
-    domains = sorted(call.system_info.domains.values(), key=lambda d: d.name)
-    candidates: list[RequestTarget] = [NamedTarget(d.name) for d in domains]
-    candidates += [DispVMTarget(d.name) for d in domains if d.template_for_dispvms]
-    choices: dict[str, None] = {}
-    for candidate in candidates:
-        match = _first_match(rules, call, candidate)
-        if match is None or match.action is Action.DENY:
-            continue
-        redirect = match.params.target
-        resolved = _resolve(candidate if redirect is None else redirect, call)
-        if resolved is not None:
-            choices[resolved] = None
-    return tuple(choices)
+        offered = set() if only is None else {only}
+    else:
+        offered = set()
+        for candidate in reversed(rules):
+            if not _matches_but_target(candidate, call):
+                continue
+            redirect = candidate.params.target
+            if candidate.action is Action.DENY:
+                offered -= candidate.target.expand(call.system_info)
+            elif redirect is not None:
+                offered |= _expand_value(redirect, call)
+            else:
+                offered |= candidate.target.expand(call.system_info)
+        if DISPVM_KEYWORD in offered:
+            offered.discard(DISPVM_KEYWORD)
+            default = _resolve(DispVMTarget(None), call)
+            if default is not None:
+                offered.add(default)
+    offered.discard(call.source.name)
+    # Qubes by name, then new DispVMs: a stable order for the prompt.
+    return tuple(sorted(offered, key=lambda choice: (choice.startswith("@"), choice)))
 
 
-def _default_choice(rule: Rule, call: _Call) -> str | None:
-    """What the prompt offers first and --assume-yes-for-ask takes: the redirect,
-    else what the caller named, else (for @default) the rule's default_target."""
-    if rule.params.target is not None:
-        return _resolve(rule.params.target, call)
-    if not isinstance(call.target, DefaultTarget):
-        return _resolve(call.target, call)
-    if rule.params.default_target is not None:
-        return _resolve(rule.params.default_target, call)
-    return None
+def _matches_but_target(rule: Rule, call: _Call) -> bool:
+    if rule.argument is not None and rule.argument != call.request.argument:
+        return False
+    return rule.source.matches_source(call.source)
+
+
+def _expand_value(value: TargetValue, call: _Call) -> frozenset[str]:
+    """What a ``target=`` redirect adds to an ask: itself, if it can be a target
+    (a bare ``@dispvm`` stays a keyword until the end, as a rule's does)."""
+    if isinstance(value, DispVMTarget) and value.template is None:
+        return frozenset({DISPVM_KEYWORD})
+    resolved = _resolve(value, call)
+    return frozenset() if resolved is None else frozenset({resolved})
 
 
 def _resolve(value: TargetValue | RequestTarget, call: _Call) -> str | None:
-    """Where a connection would go, as the policy response names it."""
+    """Where a connection would go, as the policy response names it; None when
+    it cannot go there: no target named, a qube that does not exist, no usable
+    DispVM template."""
+    system_info = call.system_info
     if isinstance(value, NamedTarget):
-        return value.name
+        return value.name if value.name in system_info.domains else None
     if isinstance(value, AdminVMToken):
-        return call.system_info.admin_vm
+        return system_info.admin_vm
     if isinstance(value, DefaultTarget):
         return None
-    if value.template is not None:
-        return f"@dispvm:{value.template}"
-    template = effective_dispvm_template(value, call.source, call.system_info)
-    return None if template is None else f"@dispvm:{template.name}"
+    template = effective_dispvm_template(value, call.source, system_info)
+    return None if template is None else dispvm_choice(template.name)
 
 
-def _unresolvable(rule: Rule, target: RequestTarget) -> str:
-    if isinstance(target, DefaultTarget) and rule.params.target is None:
-        return "rule does not deny, but the caller named no target and the rule has no target="
-    return "rule does not deny, but its target cannot be resolved (no usable DispVM template?)"
+def _unresolvable(rule: Rule, call: _Call) -> str:
+    """Why an allow rule (named by file:line) leads nowhere."""
+    redirect = rule.params.target
+    value = call.target if redirect is None else redirect
+    if isinstance(value, DefaultTarget):
+        why = "the caller named no target and the rule has no target="
+    elif isinstance(value, NamedTarget):
+        why = f"its target= names {value.name!r}, which does not exist"
+    elif isinstance(value, AdminVMToken):
+        why = "its target= names @adminvm, but no domain is the AdminVM"
+    else:
+        why = "it names a new DispVM, and there is no usable DispVM template for it"
+    return f"rule {rule.location} allows, but {why}"
 
 
 # --- validation -----------------------------------------------------------------
@@ -287,6 +335,16 @@ def _known_domain(name: str, system_info: SystemInfo, role: str) -> DomainInfo:
 
 
 def _validate_target(text: str, system_info: SystemInfo) -> tuple[RequestTarget, str]:
+    """The requested target, checked against the registry.
+
+    A name that is no known domain is an invalid request, denied before any rule
+    is looked at. This is stricter than the reference, which logs a warning and
+    evaluates the call as if the caller had named no target (``@default``): a
+    typo or a qube that was removed would then be redirected wherever the
+    ``@default`` rules send calls, a destination the caller did not ask for.
+    ``@dispvm:VM`` with VM no usable DispVM template is refused the same way (as
+    there).
+    """
     if text.startswith("$") and (
         text[1:] in {k[1:] for k in _TARGET_KEYWORDS} or text.startswith("$dispvm:")
     ):

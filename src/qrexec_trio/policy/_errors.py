@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Final
+
 from .._errors import QrexecError
+
+#: The longest message kept. Messages quote the text they blame, already cut
+#: short; this is the backstop, so that no error (logged, printed by lint, put in
+#: a decision's reason) can carry a whole megabyte of one policy line.
+MAX_MESSAGE_LEN: Final = 1000
 
 
 class PolicySyntaxError(QrexecError):
@@ -13,6 +20,8 @@ class PolicySyntaxError(QrexecError):
     """
 
     def __init__(self, path: str, line: int, message: str) -> None:
+        if len(message) > MAX_MESSAGE_LEN:
+            message = f"{message[:MAX_MESSAGE_LEN]}... ({len(message)} characters)"
         super().__init__(path, line, message)
         self.path = path
         self.line = line

@@ -74,7 +74,7 @@ def describe_service_problem(text: str) -> str | None:
     if len(text) > MAX_SERVICE_NAME_LEN:
         return f"service name longer than {MAX_SERVICE_NAME_LEN} characters"
     if not is_service_name(text):
-        return f"invalid service name {text!r} (allowed: A-Z a-z 0-9 _ . -)"
+        return f"invalid service name {quoted(text)} (allowed: A-Z a-z 0-9 _ . -)"
     return None
 
 
@@ -83,7 +83,7 @@ def describe_argument_problem(text: str) -> str | None:
     if len(text) > MAX_ARGUMENT_LEN:
         return f"argument longer than {MAX_ARGUMENT_LEN} characters"
     if not is_argument(text):
-        return f"invalid argument {_shorten(text)!r} (allowed: A-Z a-z 0-9 _ . + -)"
+        return f"invalid argument {quoted(text)} (allowed: A-Z a-z 0-9 _ . + -)"
     return None
 
 
@@ -91,7 +91,7 @@ def describe_qube_problem(text: str) -> str | None:
     if len(text) > MAX_QUBE_NAME_LEN:
         return f"qube name longer than {MAX_QUBE_NAME_LEN} characters"
     if not is_qube_name(text):
-        return f"invalid qube name {_shorten(text)!r}"
+        return f"invalid qube name {quoted(text)}"
     return None
 
 
@@ -101,6 +101,7 @@ def split_call_name(text: str) -> tuple[str, str]:
     return service, argument
 
 
-def _shorten(text: str, limit: int = 60) -> str:
-    # Error messages quote the offending text, but never a whole megabyte of it.
-    return text if len(text) <= limit else text[:limit] + "..."
+def quoted(text: str, limit: int = 60) -> str:
+    """``text`` quoted for an error message, cut to ``limit`` characters: messages
+    quote the offending text, but never a whole megabyte of one line."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")

@@ -14,12 +14,18 @@ class IncludeKind(enum.Enum):
     FILE = "!include"
     DIRECTORY = "!include-dir"
     SERVICE = "!include-service"
+    #: The legacy per-service files, in the place of the directive (see ``_r2``).
+    COMPAT = "!compat-4.0"
 
 
 @dataclass(frozen=True)
 class Include:
+    """A directive: what it includes is read by the loader, not the parser."""
+
     kind: IncludeKind
-    #: As written; relative paths are relative to the policy directory.
+    #: As written; relative paths are relative to the policy directory (to the
+    #: legacy directory for files reached through ``!compat-4.0``). Empty for
+    #: ``!compat-4.0``, which names no path: its directory is the loader's.
     path: str
     location: Location
     #: For ``!include-service``: the service and argument (None: ``*``).
@@ -43,7 +49,9 @@ class MultiFileMode:
 
 @dataclass(frozen=True)
 class ServiceFileMode:
-    """A file named by ``!include-service``: ``SRC DST ACTION`` lines for one service."""
+    """A file named by ``!include-service`` (or by ``!include`` inside one, or a
+    legacy file read by ``!compat-4.0``): ``SRC DST ACTION`` lines for one
+    service and argument."""
 
     service: str | None
     argument: str | None

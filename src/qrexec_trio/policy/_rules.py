@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from ._lines import LineError
-from ._names import describe_qube_problem, is_user_name
+from ._names import describe_qube_problem, is_user_name, quoted
 from ._tokens import (
     AdminVMToken,
     Dialect,
@@ -85,7 +85,7 @@ def parse_action(text: str) -> Action:
     try:
         return Action(text)
     except ValueError:
-        raise ParamError(f"unknown action {text!r} (expected allow, deny or ask)") from None
+        raise ParamError(f"unknown action {quoted(text)} (expected allow, deny or ask)") from None
 
 
 def parse_params(action: Action, items: Iterable[str], dialect: Dialect) -> Params:
@@ -96,19 +96,21 @@ def parse_params(action: Action, items: Iterable[str], dialect: Dialect) -> Para
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ParamError(f"expected key=value, got {item!r}")
+            raise ParamError(f"expected key=value, got {quoted(item)}")
         if key in seen:
-            raise ParamError(f"parameter {key!r} given twice")
+            raise ParamError(f"parameter {quoted(key)} given twice")
         if key not in allowed:
             valid = ", ".join(sorted(allowed)) or "none"
-            raise ParamError(f"parameter {key!r} not valid for {action.value} (valid: {valid})")
+            raise ParamError(
+                f"parameter {quoted(key)} not valid for {action.value} (valid: {valid})"
+            )
         if not value:
-            raise ParamError(f"parameter {key!r} has an empty value")
+            raise ParamError(f"parameter {quoted(key)} has an empty value")
         seen[key] = value
 
     user = seen.get("user")
     if user is not None and not is_user_name(user):
-        raise ParamError(f"invalid user name {user!r}")
+        raise ParamError(f"invalid user name {quoted(user)}")
     target = seen.get("target")
     default_target = seen.get("default_target")
     autostart = seen.get("autostart")
@@ -128,7 +130,7 @@ def parse_target_value(text: str, dialect: Dialect) -> TargetValue:
     """A redirect target: a qube name, ``@adminvm``, ``@dispvm`` or ``@dispvm:VM``."""
     if text.startswith("$"):
         if dialect is Dialect.R2 and text != "$dispvm":
-            raise ParamError(f"unknown keyword {text!r} in target")
+            raise ParamError(f"unknown keyword {quoted(text)} in target")
         text = text.replace("$", "@")
     if text == "@adminvm":
         return AdminVMToken()
@@ -138,11 +140,11 @@ def parse_target_value(text: str, dialect: Dialect) -> TargetValue:
         template = text.removeprefix("@dispvm:")
         problem = describe_qube_problem(template)
         if problem is not None:
-            raise ParamError(f"target {text!r}: {problem}")
+            raise ParamError(f"target {quoted(text)}: {problem}")
         return DispVMTarget(template)
     if text.startswith("@"):
         raise ParamError(
-            f"invalid target {text!r} (a qube name, @adminvm, @dispvm or @dispvm:VM)"
+            f"invalid target {quoted(text)} (a qube name, @adminvm, @dispvm or @dispvm:VM)"
         )
     problem = describe_qube_problem(text)
     if problem is not None:
@@ -154,7 +156,9 @@ def _parse_yes_no(key: str, value: str) -> bool:
     try:
         return _YES_NO[value]
     except KeyError:
-        raise ParamError(f"parameter {key!r} must be yes or no, got {value!r}") from None
+        raise ParamError(
+            f"parameter {quoted(key)} must be yes or no, got {quoted(value)}"
+        ) from None
 
 
 def build_rule(

@@ -13,13 +13,24 @@ token                 source  target  matches
 ``@tag:T``            yes     yes     an existing domain tagged T
 ``@type:T``           yes     yes     an existing domain of class T
 ``@default``          no      yes     the caller named no target
-``@dispvm``           no      yes     a new DispVM from the caller's default template
-``@dispvm:VM``        no      yes     a new DispVM from template VM
-``@dispvm:@tag:T``    no      yes     a new DispVM from a template tagged T
+``@dispvm``           no      yes     the caller asked for ``@dispvm`` (a new DispVM
+                                      from its default template)
+``@dispvm:VM``        no      yes     a new DispVM from template VM, asked for by name
+                                      or as ``@dispvm`` when VM is the caller's default
+``@dispvm:@tag:T``    no      yes     a new DispVM from a template tagged T (by name,
+                                      or the caller's default for ``@dispvm``)
 ====================  ======  ======  ==============================================
 
-``@dispvm`` and ``@dispvm:VM`` describe the same DispVM when VM is the caller's
-default DispVM template, so each matches the other spelling of it.
+The two DispVM spellings are matched as the reference matches them, which is not
+symmetrical: a rule for ``@dispvm:VM`` also covers a request for ``@dispvm`` whose
+default template is VM, but a rule for ``@dispvm`` covers only requests that say
+``@dispvm``. A caller that names its template explicitly has asked for something
+else than "my default", and a policy that allows only the latter must not be
+read as allowing the former.
+
+For the ask prompt, ``expand`` lists what a token stands for, as the reference's
+``collect_targets_for_ask`` expands it: domain names, ``@dispvm:VM`` for usable
+templates, and the bare ``@dispvm`` (the caller's default, resolved later).
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ from typing import Final
 
 from ..protocol import is_qube_name
 from ._lines import LineError
-from ._names import DOMAIN_TYPES, describe_qube_problem, is_tag
+from ._names import DOMAIN_TYPES, describe_qube_problem, is_tag, quoted
 from ._system_info import DomainInfo, SystemInfo
 
 # --- what a request asks for, once validated -------------------------------------
@@ -56,6 +67,14 @@ class DispVMTarget:
 
 
 RequestTarget = NamedTarget | DefaultTarget | DispVMTarget
+
+#: In an ask expansion: "a new DispVM from the caller's default template", kept
+#: apart from "@dispvm:VM" until every rule has been applied (as the reference does).
+DISPVM_KEYWORD: Final = "@dispvm"
+
+
+def dispvm_choice(template: str) -> str:
+    return f"{DISPVM_KEYWORD}:{template}"
 
 
 def effective_dispvm_template(
@@ -98,6 +117,21 @@ class AnyToken:
     ) -> bool:
         return True
 
+    def expand(self, system_info: SystemInfo) -> frozenset[str]:
+        return _all_targets(system_info, admin=True)
+
+
+def _all_targets(system_info: SystemInfo, *, admin: bool) -> frozenset[str]:
+    names = {d.name for d in system_info.domains.values() if admin or not d.is_admin}
+    return frozenset(names | _usable_templates(system_info) | {DISPVM_KEYWORD})
+
+
+def _usable_templates(system_info: SystemInfo, tag: str | None = None) -> set[str]:
+    return {
+        dispvm_choice(d.name) for d in system_info.domains.values()
+        if d.template_for_dispvms and (tag is None or tag in d.tags)
+    }
+
 
 @dataclass(frozen=True)
 class AnyVMToken:
@@ -115,6 +149,9 @@ class AnyVMToken:
             return domain is not None and not domain.is_admin
         # @default and new DispVMs can never turn out to be the admin VM.
         return True
+
+    def expand(self, system_info: SystemInfo) -> frozenset[str]:
+        return _all_targets(system_info, admin=False)
 
 
 class _DomainToken:
@@ -137,6 +174,11 @@ class _DomainToken:
             return False
         domain = system_info.domains.get(target.name)
         return domain is not None and self.matches_domain(domain)
+
+    def expand(self, system_info: SystemInfo) -> frozenset[str]:
+        # As the reference: every domain the token describes, the admin VM
+        # included (an explicit tag or type on dom0 is the policy author's).
+        return frozenset(d.name for d in system_info.domains.values() if self.matches_domain(d))
 
 
 @dataclass(frozen=True)
@@ -207,6 +249,9 @@ class DefaultToken(_TargetOnlyToken):
     ) -> bool:
         return isinstance(target, DefaultTarget)
 
+    def expand(self, system_info: SystemInfo) -> frozenset[str]:
+        return frozenset()
+
 
 @dataclass(frozen=True)
 class DispVMToken(_TargetOnlyToken):
@@ -216,9 +261,11 @@ class DispVMToken(_TargetOnlyToken):
     def matches_target(
         self, target: RequestTarget, source: DomainInfo, system_info: SystemInfo
     ) -> bool:
-        if not isinstance(target, DispVMTarget):
-            return False
-        return target.template is None or target.template == source.default_dispvm
+        # Only the request that says "@dispvm", never "@dispvm:VM" (see above).
+        return isinstance(target, DispVMTarget) and target.template is None
+
+    def expand(self, system_info: SystemInfo) -> frozenset[str]:
+        return frozenset({DISPVM_KEYWORD})
 
 
 @dataclass(frozen=True)
@@ -231,8 +278,16 @@ class DispVMTemplateToken(_TargetOnlyToken):
     def matches_target(
         self, target: RequestTarget, source: DomainInfo, system_info: SystemInfo
     ) -> bool:
-        template = _dispvm_template(target, source, system_info)
-        return template is not None and template.name == self.template
+        if not isinstance(target, DispVMTarget):
+            return False
+        # By name, as the reference: a default that is no usable template still
+        # selects this rule, and the decision then denies (nothing to start).
+        name = target.template if target.template is not None else source.default_dispvm
+        return name == self.template
+
+    def expand(self, system_info: SystemInfo) -> frozenset[str]:
+        usable = system_info.dispvm_template(self.template) is not None
+        return frozenset({dispvm_choice(self.template)} if usable else ())
 
 
 @dataclass(frozen=True)
@@ -247,6 +302,9 @@ class DispVMTagToken(_TargetOnlyToken):
     ) -> bool:
         template = _dispvm_template(target, source, system_info)
         return template is not None and self.tag in template.tags
+
+    def expand(self, system_info: SystemInfo) -> frozenset[str]:
+        return frozenset(_usable_templates(system_info, self.tag))
 
 
 Token = (
@@ -269,7 +327,7 @@ def parse_token(text: str, position: Position, dialect: Dialect) -> Token:
     """Parse one SRC or DST column; raises TokenError."""
     token = _parse_r2(text) if dialect is Dialect.R2 else _parse_multifile(text)
     if position is Position.SOURCE and isinstance(token, _TARGET_ONLY):
-        raise TokenError(f"{text!r} can only be a target, not a source")
+        raise TokenError(f"{quoted(text)} can only be a target, not a source")
     return token
 
 
@@ -279,7 +337,7 @@ def _parse_r2(text: str) -> Token:
     if text == "$dispvm":
         return DispVMToken()
     if text.startswith("$"):
-        raise TokenError(f"unknown keyword {text!r} (R2 files know $anyvm and $dispvm)")
+        raise TokenError(f"unknown keyword {quoted(text)} (R2 files know $anyvm and $dispvm)")
     return _parse_name(text)
 
 
@@ -301,7 +359,7 @@ def _parse_multifile(text: str) -> Token:
         domain_type = text.removeprefix("@type:")
         if domain_type not in DOMAIN_TYPES:
             raise TokenError(
-                f"unknown domain type in {text!r} (known: {', '.join(sorted(DOMAIN_TYPES))})"
+                f"unknown domain type in {quoted(text)} (known: {', '.join(sorted(DOMAIN_TYPES))})"
             )
         return TypeToken(domain_type)
     if text.startswith("@dispvm:@tag:"):
@@ -310,9 +368,9 @@ def _parse_multifile(text: str) -> Token:
         template = text.removeprefix("@dispvm:")
         problem = describe_qube_problem(template)
         if problem is not None:
-            raise TokenError(f"{text!r}: {problem}")
+            raise TokenError(f"{quoted(text)}: {problem}")
         return DispVMTemplateToken(template)
-    raise TokenError(f"unknown keyword {text!r}")
+    raise TokenError(f"unknown keyword {quoted(text)}")
 
 
 _SIMPLE_KEYWORDS: Final[dict[str, Token]] = {
@@ -326,11 +384,11 @@ _SIMPLE_KEYWORDS: Final[dict[str, Token]] = {
 def _parse_name(text: str) -> NameToken:
     if not is_qube_name(text):
         problem = describe_qube_problem(text)
-        raise TokenError(problem or f"invalid qube name {text!r}")
+        raise TokenError(problem or f"invalid qube name {quoted(text)}")
     return NameToken(text)
 
 
 def _parse_tag(token: str, tag: str) -> str:
     if not is_tag(tag):
-        raise TokenError(f"invalid tag in {token!r} (allowed: A-Z a-z 0-9 _ . -)")
+        raise TokenError(f"invalid tag in {quoted(token)} (allowed: A-Z a-z 0-9 _ . -)")
     return tag

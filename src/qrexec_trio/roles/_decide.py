@@ -4,17 +4,35 @@ Each decider turns (source, requested target, SERVICE[+ARG]) into a
 :class:`~qrexec_trio.policy.Verdict`. The in-process one formats the engine's
 decision as the policy daemon's response and parses it back, so both kinds
 go through exactly the same reader and fail closed the same way.
+
+The engine decides on the domains' facts (types, tags, DispVM templates), from
+one of three sources:
+
+* :class:`QubesdSystemInfo`: qubesd's ``internal.GetSystemInfo``, as the
+  reference's policy daemon asks it; the default of ``qrexec-daemon``.
+* :class:`SystemInfoFile`: a ``--system-info`` JSON file, read for each decision.
+* :class:`RequestNamesOnly`: no registry, only the request's names (dom0 the
+  AdminVM, the others AppVMs without tags); chosen explicitly, for test rigs.
+
+When the facts cannot be had (no qubesd, an error, a malformed answer or file),
+the decision is a deny, logged as ``system info unavailable`` with the socket
+(or file) and the error. Every call, not only those whose rule needs a tag or a
+type: even ``* @anyvm @anyvm allow`` must know that both domains exist, and a
+policy that allows on what it cannot check is not failing closed.
 """
 
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Final, Protocol
 
 import trio
 
+from .._errors import QrexecError
 from .._logging import get_logger
+from ..domains import DEFAULT_QUBESD_INTERNAL_SOCKET, DomainsError, QubesdDomains
 from ..policy import (
     DEFAULT_ASK_TIMEOUT,
     Action,
@@ -22,6 +40,7 @@ from ..policy import (
     PolicyCache,
     Request,
     SystemInfo,
+    SystemInfoError,
     Verdict,
     format_response,
     load_system_info,
@@ -29,9 +48,142 @@ from ..policy import (
     parse_response,
     program_prompt,
     resolve_ask,
+    system_info_from_json,
 )
 
 log = get_logger(__name__)
+
+#: How long qubesd's answer serves decisions before it is asked again (seconds).
+SYSTEM_INFO_TTL: Final = 1.0
+
+
+class SystemInfoUnavailable(QrexecError):
+    """The domains' facts could not be had from ``path`` (a ``socket`` or a ``file``)."""
+
+    def __init__(self, origin: str, path: str, error: str) -> None:
+        super().__init__(f"system info unavailable from {origin} {path}: {error}")
+        self.origin = origin
+        self.path = path
+        self.error = error
+
+
+class SystemInfoSource(Protocol):
+    async def get(self, source: str, target: str) -> SystemInfo:
+        """The facts for deciding a call from ``source`` to ``target``;
+        raises :class:`SystemInfoUnavailable`."""
+        ...
+
+
+class RequestNamesOnly:
+    """No domain registry: only the request's names (``minimal_system_info``).
+
+    ``@tag:`` rules never match, ``@type:`` sees only AdminVM and AppVMs, and
+    ``@dispvm`` calls are denied. For test rigs that have no qubesd.
+    """
+
+    async def get(self, source: str, target: str, also: Iterable[str] = ()) -> SystemInfo:
+        """``also``: more names it must know (the policy's redirect targets)."""
+        await trio.lowlevel.checkpoint()
+        return minimal_system_info([source, target, *also])
+
+
+class SystemInfoFile:
+    """A ``--system-info`` file, read again for each decision (edits apply at once)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    async def get(self, source: str, target: str) -> SystemInfo:
+        await trio.lowlevel.checkpoint()
+        try:
+            return load_system_info(self.path)
+        except SystemInfoError as exc:
+            raise SystemInfoUnavailable("file", self.path, str(exc)) from exc
+
+
+@dataclass(eq=False)
+class _Fetch:
+    """One ``internal.GetSystemInfo`` call in flight, and how it ended."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    result: SystemInfo | None = None
+    error: SystemInfoUnavailable | None = None
+
+
+class QubesdSystemInfo:
+    """qubesd's ``internal.GetSystemInfo`` answer, cached for ``ttl`` seconds.
+
+    Why a TTL and not qubesd's events (``admin.Events``): there is one daemon
+    per VM, and each would hold an event stream to qubesd, parse it and
+    reconnect it, to save a call that qubesd answers from its own cache (it
+    invalidates that cache on the same events). With a TTL the call is made
+    lazily, only while calls are being decided, at most once per ``ttl`` per
+    daemon, and the staleness has a plain bound: a decision uses facts from a
+    call that began at most ``ttl`` (1 s) before the decision asked, or that was
+    still in flight when it asked. So a tag removed, a domain created or deleted,
+    a ``default_dispvm`` changed is seen by every decision that starts 1 s later.
+
+    Concurrent decisions share one call in flight: the first one to find the
+    cache stale makes it, the others wait for its outcome. A failure is not
+    cached: it denies the decisions that waited for it, and the next decision
+    asks again at once. If the task making the call is cancelled (its own
+    decision timed out), the waiters do not inherit that: one of them asks again.
+    """
+
+    def __init__(self, socket_path: str = DEFAULT_QUBESD_INTERNAL_SOCKET, *,
+                 call_timeout: float | None = None, ttl: float = SYSTEM_INFO_TTL) -> None:
+        self.socket_path = socket_path
+        self.ttl = ttl
+        self._client = QubesdDomains(socket_path, call_timeout=call_timeout)
+        self._cached: SystemInfo | None = None
+        self._fetched_at = 0.0
+        self._in_flight: _Fetch | None = None
+        self._left_out: frozenset[str] = frozenset()
+
+    async def get(self, source: str, target: str) -> SystemInfo:
+        return await self.current()
+
+    async def current(self) -> SystemInfo:
+        """Facts at most ``ttl`` old; raises :class:`SystemInfoUnavailable`."""
+        while True:
+            if self._cached is not None and trio.current_time() - self._fetched_at < self.ttl:
+                await trio.lowlevel.checkpoint()
+                return self._cached
+            fetch = self._in_flight
+            if fetch is None:
+                fetch = self._in_flight = _Fetch()
+                try:
+                    await self._fetch(fetch)
+                finally:
+                    self._in_flight = None
+                    fetch.done.set()
+            else:
+                await fetch.done.wait()
+            if fetch.result is not None:
+                return fetch.result
+            if fetch.error is not None:
+                raise fetch.error
+            # The task that made the call was cancelled: ask again.
+
+    async def _fetch(self, fetch: _Fetch) -> None:
+        started = trio.current_time()
+        try:
+            data = await self._client.get_system_info()
+            info = system_info_from_json(data, strict=False)
+        except (DomainsError, SystemInfoError) as exc:
+            fetch.error = SystemInfoUnavailable("socket", self.socket_path, str(exc))
+            return
+        self._note_left_out(data, info)
+        self._cached, self._fetched_at = info, started
+        fetch.result = info
+
+    def _note_left_out(self, data: dict[str, object], info: SystemInfo) -> None:
+        raw = data.get("domains")
+        left_out = frozenset(raw) - set(info.domains) if isinstance(raw, dict) else frozenset()
+        if left_out != self._left_out and left_out:
+            log.warning("domains of unknown types left out of the policy's view; "
+                        "calls from or to them are denied", domains=sorted(left_out))
+        self._left_out = left_out
 
 
 class Decider(Protocol):
@@ -47,23 +199,39 @@ class EngineDecider:
         policy_d: str | None,
         *,
         system_info_path: str | None = None,
+        system_info: SystemInfoSource | None = None,
         ask_program: Sequence[str] | None = None,
         assume_yes_for_ask: bool = False,
     ) -> None:
+        """The domains' facts come from ``system_info_path`` if given, else from
+        ``system_info``, else from the request's names only (RequestNamesOnly)."""
         self._cache = PolicyCache(r2_dir, policy_d)
-        self._system_info_path = system_info_path
+        self._system_info: SystemInfoSource
+        if system_info_path is not None:
+            self._system_info = SystemInfoFile(system_info_path)
+        elif system_info is not None:
+            self._system_info = system_info
+        else:
+            self._system_info = RequestNamesOnly()
         self._ask_program = list(ask_program) if ask_program else None
         self._assume_yes = assume_yes_for_ask
-
-    def _system_info(self, source: str, target: str) -> SystemInfo:
-        if self._system_info_path is not None:
-            return load_system_info(self._system_info_path)
-        return minimal_system_info([source, target])
 
     async def decide(self, source: str, target: str, call_name: str) -> Verdict:
         await trio.lowlevel.checkpoint()
         request = Request.from_call(source, target, call_name)
-        decision = self._cache.evaluate(request, self._system_info(source, target))
+        try:
+            if isinstance(self._system_info, RequestNamesOnly):
+                # A registry guessed from the request must know the rules'
+                # redirect targets, or every redirect is denied.
+                system_info = await self._system_info.get(
+                    source, target, also=self._cache.policy().redirect_names())
+            else:
+                system_info = await self._system_info.get(source, target)
+        except SystemInfoUnavailable as exc:
+            log.error("system info unavailable", **{exc.origin: exc.path}, error=exc.error,
+                      result="deny")
+            return Verdict(allowed=False)
+        decision = self._cache.evaluate(request, system_info)
         if decision.action is Action.ASK:
             # The prompt is a program that may take minutes: not on the event loop.
             prompt = None if self._ask_program is None else program_prompt(

@@ -29,7 +29,13 @@ from .._config import Timeouts
 from .._errors import QrexecError
 from .._logging import get_logger
 from .._sockets import listening_socket, serve_socket
-from ..domains import DEFAULT_QUBESD_SOCKET, Domains, QubesdDomains, serve_admin
+from ..domains import (
+    DEFAULT_QUBESD_INTERNAL_SOCKET,
+    DEFAULT_QUBESD_SOCKET,
+    Domains,
+    QubesdDomains,
+    serve_admin,
+)
 from ..nursery import (
     CALL_FAILURES,
     Connection,
@@ -70,7 +76,15 @@ from ..protocol import (
 from ..xen import VchanBackend, VchanConnectTimeout, get_backend
 from ._cli import add_logging_options, run_long_lived, setup_logging
 from ._connect import ConnectError, Connector, Target
-from ._decide import Decider, EngineDecider, ProgramDecider
+from ._decide import (
+    Decider,
+    EngineDecider,
+    ProgramDecider,
+    QubesdSystemInfo,
+    RequestNamesOnly,
+    SystemInfoFile,
+    SystemInfoSource,
+)
 from ._ports import PortTable
 
 log = get_logger(__name__)
@@ -605,7 +619,15 @@ def build_parser() -> argparse.ArgumentParser:
     policy.add_argument("--policy-d", default=DEFAULT_POLICY_D, metavar="D",
                         help=f"*.policy files (default {DEFAULT_POLICY_D})")
     policy.add_argument("--system-info", metavar="FILE.json",
-                        help="the domains for the policy (see qrexec-policy --help)")
+                        help="the domains for the policy from this file (see qrexec-policy "
+                        "--help) instead of from qubesd")
+    policy.add_argument("--qubesd-internal-socket", metavar="PATH",
+                        default=DEFAULT_QUBESD_INTERNAL_SOCKET,
+                        help="where the policy asks qubesd for the domains (internal."
+                        "GetSystemInfo; answers are reused for up to 1 s; without an answer "
+                        f"every call is denied) (default {DEFAULT_QUBESD_INTERNAL_SOCKET}; a "
+                        "local world passes its admin socket); '' for none: the policy then "
+                        "knows only the request's names, as AppVMs without tags (test rigs)")
     policy.add_argument("--ask-program", metavar="PROG",
                         help="program answering 'ask' rules (without it, 'ask' denies)")
     policy.add_argument("--assume-yes-for-ask", action="store_true",
@@ -634,11 +656,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _decider(args: argparse.Namespace) -> Decider:
+def _decider(args: argparse.Namespace, timeouts: Timeouts) -> Decider:
     if args.policy_program is not None:
         return ProgramDecider(args.policy_program)
+    system_info: SystemInfoSource
+    if args.system_info is not None:
+        system_info = SystemInfoFile(args.system_info)  # then qubesd is not asked
+    elif args.qubesd_internal_socket:
+        system_info = QubesdSystemInfo(args.qubesd_internal_socket,
+                                       call_timeout=timeouts.admin_call)
+    else:
+        system_info = RequestNamesOnly()
     return EngineDecider(
-        args.policy_dir, args.policy_d, system_info_path=args.system_info,
+        args.policy_dir, args.policy_d, system_info=system_info,
         ask_program=[args.ask_program] if args.ask_program else None,
         assume_yes_for_ask=args.assume_yes_for_ask,
     )
@@ -654,7 +684,7 @@ async def _run_daemon(args: argparse.Namespace) -> int:
         socket_dir=args.socket_dir,
         uuid=args.uuid,
         timeouts=timeouts,
-        decider=_decider(args),
+        decider=_decider(args, timeouts),
         policy_exec=args.policy_exec,
         max_calls=args.max_calls,
         domains=(QubesdDomains(args.qubesd_socket, call_timeout=timeouts.admin_call)

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
 
 import structlog
+import trio
 
 from qrexec_trio.policy import (
     DEFAULT_ASK_TIMEOUT,
@@ -24,14 +24,12 @@ from qrexec_trio.policy import (
     DEFAULT_R2_DIR,
     Decision,
     PolicyCache,
-    PolicySyntaxError,
     Request,
     SystemInfo,
     SystemInfoError,
     deny,
     format_response,
     is_request_id,
-    load_policy,
     load_system_info,
     minimal_system_info,
     program_prompt,
@@ -39,10 +37,13 @@ from qrexec_trio.policy import (
 )
 
 from .._config import Timeouts
+from ..domains import DEFAULT_QUBESD_INTERNAL_SOCKET
 from ..nursery import CALL_FAILURES
 from ..xen import VchanError, get_backend
+from . import policy_tools
 from ._cli import add_logging_options, run_until_signal, setup_logging
 from ._connect import Target, connect_pending
+from ._decide import QubesdSystemInfo, SystemInfoUnavailable
 from .daemon import DEFAULT_SOCKET_DIR
 
 log = structlog.get_logger(__name__)
@@ -56,7 +57,13 @@ _SYSTEM_INFO_HELP = (
     '"tags": [...], "default_dispvm": NAME|null, "template_for_dispvms": false}}}. '
     "Without it, a minimal registry is built from the names in the request: dom0 "
     "as the AdminVM, every other name as an AppVM, with no tags and no DispVM "
-    "templates (so @tag: rules never match and @dispvm calls are denied)."
+    "templates (so @tag: rules never match and @dispvm calls are denied), unless "
+    "--qubesd-internal-socket is given."
+)
+_QUBESD_HELP = (
+    f"ask qubesd at PATH for the domains (internal.GetSystemInfo; qubesd serves it on "
+    f"{DEFAULT_QUBESD_INTERNAL_SOCKET}); without an answer the call is denied. "
+    "--system-info wins over it"
 )
 
 
@@ -75,6 +82,7 @@ def _policy_parser() -> argparse.ArgumentParser:
     parser.add_argument("--policy-d", metavar="D", default=DEFAULT_POLICY_D,
                         help=f"*.policy files (default: {DEFAULT_POLICY_D})")
     parser.add_argument("--system-info", metavar="FILE.json", help=_SYSTEM_INFO_HELP)
+    parser.add_argument("--qubesd-internal-socket", metavar="PATH", help=_QUBESD_HELP)
     parser.add_argument(
         "--ask-program", metavar="PROG",
         help="program to run for 'ask' (question as JSON on stdin, answer a target on "
@@ -156,12 +164,16 @@ def connect_allowed(args: argparse.Namespace, decision: Decision) -> int:
 def _decide(args: argparse.Namespace, request: Request) -> Decision:
     if args.request_id is not None and not is_request_id(args.request_id):
         return deny(request, "invalid request id (CID)")
+    cache = PolicyCache(args.policy_dir, args.policy_d)
     try:
-        system_info = _system_info(args.system_info, request)
+        system_info = _system_info(args, request, cache)
     except SystemInfoError as exc:
         log.error("system info unreadable", error=str(exc))
         return deny(request, "system information unusable")
-    decision = PolicyCache(args.policy_dir, args.policy_d).evaluate(request, system_info)
+    except SystemInfoUnavailable as exc:
+        log.error("system info unavailable", **{exc.origin: exc.path}, error=exc.error)
+        return deny(request, "system information unavailable")
+    decision = cache.evaluate(request, system_info)
     prompt = None if args.ask_program is None else program_prompt(
         [args.ask_program], timeout=DEFAULT_ASK_TIMEOUT
     )
@@ -174,48 +186,22 @@ def _clip(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"
 
 
-def _system_info(path: str | None, request: Request) -> SystemInfo:
-    if path is not None:
-        return load_system_info(path)
-    return minimal_system_info([request.source, request.target])
+def _system_info(args: argparse.Namespace, request: Request, cache: PolicyCache) -> SystemInfo:
+    if args.system_info is not None:
+        return load_system_info(args.system_info)
+    if args.qubesd_internal_socket:
+        source = QubesdSystemInfo(args.qubesd_internal_socket,
+                                  call_timeout=Timeouts.from_env().admin_call)
+        return trio.run(source.current)
+    # A registry guessed from the request must know the rules' redirect targets.
+    return minimal_system_info([request.source, request.target,
+                                *cache.policy().redirect_names()])
 
 
 # --- lint ---------------------------------------------------------------------
 
 
-def _lint_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="qrexec-trio policy lint",
-        description="Parse policy files and report every error as FILE:LINE: MESSAGE "
-        "(line 0: the file as a whole). With no directory given, lint "
-        f"{DEFAULT_R2_DIR} (R2) and {DEFAULT_POLICY_D}, skipping whichever is absent.",
-        epilog="Exit status: 0 if everything parses, 1 on any error, 2 on usage errors.",
-    )
-    parser.add_argument("dirs", metavar="DIR", nargs="*",
-                        help="a directory of *.policy files (today's format)")
-    parser.add_argument("--policy-dir", metavar="D", action="append", default=[],
-                        help="a directory of R2 per-service files (repeatable)")
-    return parser
-
-
 def lint_main(argv: list[str] | None = None) -> int:
-    try:
-        args = _lint_parser().parse_args(argv)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else EXIT_LINT_ERRORS
-    errors = [str(error) for error in _lint_errors(args.dirs, args.policy_dir)]
-    for line in errors:
-        print(line)
-    return EXIT_LINT_ERRORS if errors else 0
-
-
-def _lint_errors(policy_ds: Sequence[str], r2_dirs: Sequence[str]) -> list[PolicySyntaxError]:
-    if not policy_ds and not r2_dirs:
-        # Nothing named: the installed policy, where a missing directory is normal.
-        return list(load_policy(DEFAULT_R2_DIR, DEFAULT_POLICY_D, required=False).errors)
-    errors: list[PolicySyntaxError] = []
-    for r2_dir in r2_dirs:
-        errors += load_policy(r2_dir, None, required=True).errors
-    for policy_d in policy_ds:
-        errors += load_policy(None, policy_d, required=True).errors
-    return errors
+    """``qrexec-trio policy lint``: the same command as ``qubes-policy-lint``
+    (one implementation, in policy_tools), printing ``FILE:LINE: MESSAGE``."""
+    return policy_tools.run_lint(argv, policy_tools.TRIO_POLICY_LINT)

@@ -47,7 +47,9 @@ of the world (``@dispvm:VM`` only DispVM templates), and ``!include`` is not
 allowed. Inline rules are evaluated first, then the files in the order listed;
 no matching rule denies.
 
-:func:`system_info_json` gives the ``--system-info`` JSON for the policy engine.
+:func:`system_info_json` gives the config's domains as the policy engine reads
+them (the ``--system-info`` JSON); a running world serves the same facts, live
+and with its DispVMs, on its admin socket (``internal.GetSystemInfo``).
 '''
 
 from ._config import load_world_config as load_world_config

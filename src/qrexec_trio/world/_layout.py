@@ -37,10 +37,6 @@ class WorldLayout:
         return self.root / "policy-r2"
 
     @property
-    def system_info(self) -> Path:
-        return self.root / "system-info.json"
-
-    @property
     def dom0_services(self) -> Path:
         return self.root / "dom0" / "rpc"
 

@@ -172,8 +172,10 @@ class LocalDomains:
         daemon_argv = [
             program("qrexec-daemon"), "--direct", "--socket-dir", str(layout.socket_dir),
             "--policy-d", str(layout.policy_d), "--policy-dir", str(layout.r2_policy_dir),
-            "--system-info", str(layout.system_info),
-            "--qubesd-socket", str(layout.qubesd_socket), *self._log_options,
+            # The world's admin socket plays both of qubesd's: DispVMs, and the
+            # domains' facts for the policy (internal.GetSystemInfo).
+            "--qubesd-socket", str(layout.qubesd_socket),
+            "--qubesd-internal-socket", str(layout.qubesd_socket), *self._log_options,
             str(vm.domid), vm.name, vm.info.default_user,
         ]
         try:

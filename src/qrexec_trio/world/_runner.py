@@ -4,8 +4,9 @@ all on this machine, from one config file.
 Every program runs as on a real system, as a separate process speaking the
 real protocol over the local vchan backend. The world itself plays qubesd:
 it serves the admin socket through which the daemons create, start and kill
-DispVMs, backed by :class:`LocalDomains`. Stopping the world (cancellation)
-kills every VM and removes its directory: nothing is left behind.
+DispVMs and their policy learns the domains' facts (``internal.GetSystemInfo``,
+from the live domains), backed by :class:`LocalDomains`. Stopping the world
+(cancellation) kills every VM and removes its directory: nothing is left behind.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from .._sockets import has_kind
 from ..domains import Domain, serve_admin
 from ..nursery import gathering_methods
 from ..xen._registry import LOCAL_DEFAULT
-from . import ServiceSpec, WorldConfig, system_info_json
+from . import ServiceSpec, WorldConfig
 from ._layout import WorldLayout
 from ._local import LocalDomains, LocalVM
 
@@ -65,7 +66,6 @@ def _lay_out(config: WorldConfig, layout: WorldLayout) -> list[LocalVM]:
         directory.mkdir(parents=True)
     for name, text in config.policy_files:
         (layout.policy_d / name).write_text(text)
-    layout.system_info.write_text(json.dumps(system_info_json(config), indent=1))
     _write_services(layout.dom0_services, config.dom0_services)
     vms = []
     for spec in config.vms:

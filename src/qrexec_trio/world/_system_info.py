@@ -1,4 +1,9 @@
-"""The policy engine's view of a world: the JSON ``--system-info`` reads."""
+"""The policy engine's view of a world's config: the JSON ``--system-info`` reads.
+
+A running world's daemons do not read it: they ask the world's admin socket
+(``internal.GetSystemInfo``), which answers with the same facts from the live
+domains, DispVMs included.
+"""
 
 from __future__ import annotations
 
