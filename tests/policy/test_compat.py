@@ -298,3 +298,15 @@ def test_edited_added_and_removed_legacy_files_are_seen(tmp_path: Path) -> None:
     assert not decide(cache, "work", "vault", "test.Svc+x").allowed  # test.Svc's deny
     (legacy / "test.Svc").unlink()
     assert decide(cache, "work", "vault", "test.Svc+x").allowed
+
+
+def test_leftovers_are_not_policy_in_the_r2_directory_either(tmp_path: Path) -> None:
+    """Without !compat-4.0 the per-service directory skips the same leftovers."""
+    legacy = tmp_path / "r2"
+    legacy.mkdir()
+    (legacy / "test.Svc.rpmsave").write_text("$anyvm $anyvm allow\n")
+    (legacy / "test.Svc.rpmnew").write_text("$anyvm $anyvm allow\n")
+    (legacy / "test.Svc.swp").write_text("garbage that would not parse\n")
+    (tmp_path / "policy.d").mkdir()
+    cache = PolicyCache(str(legacy), str(tmp_path / "policy.d"))
+    assert not cache.policy().rules and not cache.policy().errors

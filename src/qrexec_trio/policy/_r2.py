@@ -107,6 +107,10 @@ def load_r2_dir(
     rules: list[Rule] = []
     errors: list[PolicySyntaxError] = []
     for name in names:
+        if name.endswith(_IGNORED_SUFFIXES):
+            # A package manager's or an editor's leftover (".rpmsave" after
+            # qrexec-legacy-convert), never a service's policy.
+            continue
         path = os.path.join(root, name)
         problem = describe_service_problem(name)
         if problem is not None:
