@@ -38,6 +38,12 @@ class Timeouts:
     cid_claim: float = 10.0
     #: A policy decision (including an ask prompt or an external evaluator).
     policy: float = 120.0
+    #: The policy agent's answer to an ``ask`` (its ``policy.Ask`` service, or
+    #: ``--ask-program``); none in time denies. Below ``policy``, so that the
+    #: ask itself, not the whole decision, is what times out.
+    policy_ask: float = 110.0
+    #: One ``policy.Notify`` call to the policy agent, start to end.
+    policy_notify: float = 10.0
     #: A VM's request must be answered (connected or refused) within this long.
     request_answer: float = 150.0
     #: Creating and starting a DispVM (or autostarting a VM) until its qrexec is ready.

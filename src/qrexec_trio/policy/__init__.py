@@ -8,12 +8,25 @@ Sans-IO apart from reading policy files. Typical use::
     print(format_response(decision), end="")
 """
 
+from ._ask import ASK_SERVICE as ASK_SERVICE
 from ._ask import DEFAULT_ASK_TIMEOUT as DEFAULT_ASK_TIMEOUT
+from ._ask import MAX_AGENT_ANSWER as MAX_AGENT_ANSWER
+from ._ask import NOTIFY_SERVICE as NOTIFY_SERVICE
+from ._ask import AgentAnswer as AgentAnswer
 from ._ask import Prompt as Prompt
 from ._ask import Question as Question
+from ._ask import agent_domain as agent_domain
+from ._ask import agent_icons as agent_icons
+from ._ask import apply_agent_answer as apply_agent_answer
 from ._ask import ask_program as ask_program
+from ._ask import ask_request as ask_request
+from ._ask import encode_request as encode_request
+from ._ask import failure_notice as failure_notice
+from ._ask import notify_request as notify_request
+from ._ask import parse_agent_answer as parse_agent_answer
 from ._ask import program_prompt as program_prompt
 from ._ask import resolve_ask as resolve_ask
+from ._ask import unanswered as unanswered
 from ._cache import DEFAULT_POLICY_D as DEFAULT_POLICY_D
 from ._cache import DEFAULT_R2_DIR as DEFAULT_R2_DIR
 from ._cache import PolicyCache as PolicyCache

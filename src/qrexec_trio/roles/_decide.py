@@ -14,6 +14,15 @@ one of three sources:
 * :class:`RequestNamesOnly`: no registry, only the request's names (dom0 the
   AdminVM, the others AppVMs without tags); chosen explicitly, for test rigs.
 
+An ``ask`` is put to the policy agent (:class:`~.policy_agent.PolicyAgentCaller`:
+``policy.Ask`` in the source's guivm, else in the configured default domain),
+unless ``--ask-program`` is given (it wins) or ``--assume-yes-for-ask``. A
+decision whose rule notifies (a deny unless ``notify=no``, an allow or an
+answered ask with ``notify=yes``) is sent to the same agent's ``policy.Notify``
+in the background; so is an allowed call that could not be connected
+(:meth:`EngineDecider.call_failed`, resolution ``fail``). Without a caller, ask
+denies (no prompt) and nobody is notified.
+
 When the facts cannot be had (no qubesd, an error, a malformed answer or file),
 the decision is a deny, logged as ``system info unavailable`` with the socket
 (or file) and the error. Every call, not only those whose rule needs a tag or a
@@ -23,6 +32,7 @@ policy that allows on what it cannot check is not failing closed.
 
 from __future__ import annotations
 
+import functools
 import subprocess
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -30,26 +40,30 @@ from typing import Final, Protocol
 
 import trio
 
+from .._config import Timeouts
 from .._errors import QrexecError
 from .._logging import get_logger
 from ..domains import DEFAULT_QUBESD_INTERNAL_SOCKET, DomainsError, QubesdDomains
 from ..policy import (
-    DEFAULT_ASK_TIMEOUT,
     Action,
+    Decision,
     MalformedResponse,
     PolicyCache,
     Request,
     SystemInfo,
     SystemInfoError,
     Verdict,
+    failure_notice,
     format_response,
     load_system_info,
     minimal_system_info,
+    notify_request,
     parse_response,
     program_prompt,
     resolve_ask,
     system_info_from_json,
 )
+from .policy_agent import PolicyAgentCaller
 
 log = get_logger(__name__)
 
@@ -202,9 +216,12 @@ class EngineDecider:
         system_info: SystemInfoSource | None = None,
         ask_program: Sequence[str] | None = None,
         assume_yes_for_ask: bool = False,
+        policy_agent: PolicyAgentCaller | None = None,
     ) -> None:
         """The domains' facts come from ``system_info_path`` if given, else from
-        ``system_info``, else from the request's names only (RequestNamesOnly)."""
+        ``system_info``, else from the request's names only (RequestNamesOnly).
+
+        ``policy_agent``: who is asked and notified (None: nobody)."""
         self._cache = PolicyCache(r2_dir, policy_d)
         self._system_info: SystemInfoSource
         if system_info_path is not None:
@@ -215,34 +232,62 @@ class EngineDecider:
             self._system_info = RequestNamesOnly()
         self._ask_program = list(ask_program) if ask_program else None
         self._assume_yes = assume_yes_for_ask
+        self._agent = policy_agent
+
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Send notifications in the background, in ``nursery`` (the program's)."""
+        if self._agent is not None:
+            self._agent.attach(nursery)
+
+    async def _facts(self, source: str, target: str) -> SystemInfo:
+        """The domains' facts; raises :class:`SystemInfoUnavailable`."""
+        if isinstance(self._system_info, RequestNamesOnly):
+            # A registry guessed from the request must know the rules'
+            # redirect targets, or every redirect is denied.
+            return await self._system_info.get(
+                source, target, also=self._cache.policy().redirect_names())
+        return await self._system_info.get(source, target)
 
     async def decide(self, source: str, target: str, call_name: str) -> Verdict:
         await trio.lowlevel.checkpoint()
         request = Request.from_call(source, target, call_name)
         try:
-            if isinstance(self._system_info, RequestNamesOnly):
-                # A registry guessed from the request must know the rules'
-                # redirect targets, or every redirect is denied.
-                system_info = await self._system_info.get(
-                    source, target, also=self._cache.policy().redirect_names())
-            else:
-                system_info = await self._system_info.get(source, target)
+            system_info = await self._facts(source, target)
         except SystemInfoUnavailable as exc:
             log.error("system info unavailable", **{exc.origin: exc.path}, error=exc.error,
                       result="deny")
             return Verdict(allowed=False)
         decision = self._cache.evaluate(request, system_info)
         if decision.action is Action.ASK:
-            # The prompt is a program that may take minutes: not on the event loop.
+            decision = await self._resolve_ask(decision, system_info)
+        log.info("policy decision", result=decision.action.value, target=decision.target,
+                 reason=decision.reason, rule=str(decision.rule or ""))
+        notice = notify_request(decision)
+        if notice is not None and self._agent is not None:
+            await self._agent.notify(notice, source, system_info)
+        return parse_response(format_response(decision).encode())
+
+    async def _resolve_ask(self, decision: Decision, system_info: SystemInfo) -> Decision:
+        if self._assume_yes or self._ask_program is not None or self._agent is None:
+            # A prompt program may take minutes: not on the event loop.
             prompt = None if self._ask_program is None else program_prompt(
-                self._ask_program, timeout=DEFAULT_ASK_TIMEOUT)
-            decision = await trio.to_thread.run_sync(
+                self._ask_program, timeout=Timeouts.from_env().policy_ask)
+            return await trio.to_thread.run_sync(
                 lambda: resolve_ask(decision, assume_yes=self._assume_yes, prompt=prompt),
                 abandon_on_cancel=True,
             )
-        log.info("policy decision", result=decision.action.value, target=decision.target,
-                 reason=decision.reason, rule=str(decision.rule or ""))
-        return parse_response(format_response(decision).encode())
+        return await self._agent.ask(decision, system_info)
+
+    async def call_failed(self, source: str, target: str, call_name: str) -> None:
+        """Tell the policy agent that an allowed call to ``target`` could not be made
+        (``policy.Notify``, resolution ``fail``); in the background, never raises."""
+        if self._agent is None:
+            return
+        request = Request.from_call(source, target, call_name)
+        # The facts are fetched in the background too: the refusal must not wait.
+        await self._agent.notify(
+            failure_notice(source, target, request.service, request.argument), source,
+            facts=functools.partial(self._facts, source, target))
 
 
 class ProgramDecider:

@@ -86,6 +86,7 @@ from ._decide import (
     SystemInfoSource,
 )
 from ._ports import PortTable
+from .policy_agent import DEFAULT_POLICY_AGENT, PolicyAgentCaller, valid_agent_name
 
 log = get_logger(__name__)
 
@@ -334,7 +335,13 @@ class Daemon:
 
         goal = Target(verdict.target, verdict.user or "DEFAULT",
                       verdict.requested_target or target, autostart=verdict.autostart)
-        await self.connector.connect(conn, accept_source, goal, call_name, self.name)
+        try:
+            await self.connector.connect(conn, accept_source, goal, call_name, self.name)
+        except ConnectError:
+            if isinstance(self.decider, EngineDecider):
+                # As the reference: the policy agent hears of an allowed call that failed.
+                await self.decider.call_failed(self.name, verdict.target, call_name)
+            raise
         log.info("call finished")
 
     async def _run_policy_exec(self, program: str, pending: PendingRequest, target: str,
@@ -628,8 +635,13 @@ def build_parser() -> argparse.ArgumentParser:
                         f"every call is denied) (default {DEFAULT_QUBESD_INTERNAL_SOCKET}; a "
                         "local world passes its admin socket); '' for none: the policy then "
                         "knows only the request's names, as AppVMs without tags (test rigs)")
+    policy.add_argument("--policy-agent", metavar="DOMAIN", default=DEFAULT_POLICY_AGENT,
+                        help="where 'ask' rules are asked (policy.Ask) and notifications go "
+                        "(policy.Notify) for a source whose guivm the domains' facts do not "
+                        f"name (default {DEFAULT_POLICY_AGENT}: dom0's own services); '' for "
+                        "none: such asks are denied, as the reference does")
     policy.add_argument("--ask-program", metavar="PROG",
-                        help="program answering 'ask' rules (without it, 'ask' denies)")
+                        help="program answering 'ask' rules instead of the policy agent")
     policy.add_argument("--assume-yes-for-ask", action="store_true",
                         help="answer 'ask' rules with their default target")
     policy.add_argument("-p", "--policy-program", metavar="PROGRAM",
@@ -671,6 +683,8 @@ def _decider(args: argparse.Namespace, timeouts: Timeouts) -> Decider:
         args.policy_dir, args.policy_d, system_info=system_info,
         ask_program=[args.ask_program] if args.ask_program else None,
         assume_yes_for_ask=args.assume_yes_for_ask,
+        policy_agent=PolicyAgentCaller(args.policy_agent, socket_dir=args.socket_dir,
+                                       timeouts=timeouts),
     )
 
 
@@ -696,6 +710,8 @@ async def _run_daemon(args: argparse.Namespace) -> int:
         await daemon.run(task_status)
 
     async with trio.open_nursery() as nursery:
+        if isinstance(daemon.decider, EngineDecider):
+            daemon.decider.attach(nursery)  # notifications to the policy agent
         try:
             with one_error():
                 await nursery.start(serve)
@@ -749,6 +765,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.domid <= 0:
         print("qrexec-daemon: DOMID must be a VM's domain id (> 0)", file=sys.stderr)
+        return 1
+    if not valid_agent_name(args.policy_agent):
+        print(f"qrexec-daemon: --policy-agent {args.policy_agent!r} is not a domain name",
+              file=sys.stderr)
         return 1
     if not args.direct:
         return _start_in_background(args, argv)

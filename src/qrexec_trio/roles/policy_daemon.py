@@ -70,6 +70,8 @@ from ._decide import (
     SystemInfoSource,
     SystemInfoUnavailable,
 )
+from .daemon import DEFAULT_SOCKET_DIR
+from .policy_agent import DEFAULT_POLICY_AGENT, PolicyAgentCaller, valid_agent_name
 
 log = get_logger(__name__)
 
@@ -330,23 +332,33 @@ class PolicyEngines:
 
     def __init__(self, r2_dir: str | None, policy_d: str | None, *,
                  system_info: SystemInfoSource, ask_program: str | None = None,
-                 assume_yes_for_ask: bool = False) -> None:
+                 assume_yes_for_ask: bool = False,
+                 policy_agent: PolicyAgentCaller | None = None) -> None:
         self.r2_dir = r2_dir
         self.policy_d = policy_d
         self.system_info = system_info
         self._ask_program = ask_program
         self._assume_yes = assume_yes_for_ask
-        self._deciders: dict[tuple[bool, str | None], EngineDecider] = {}
+        #: Asked and notified, shared by every mode but "only evaluate" (which, as
+        #: the reference's just_evaluate, asks nobody and notifies nobody).
+        self.policy_agent = policy_agent
+        self._deciders: dict[tuple[bool, str | None, bool], EngineDecider] = {}
+
+    def attach(self, nursery: trio.Nursery) -> None:
+        """Send notifications in the background, in ``nursery``."""
+        if self.policy_agent is not None:
+            self.policy_agent.attach(nursery)
 
     def decider(self, *, assume_yes: bool = False, may_ask: bool = True) -> EngineDecider:
         assume_yes = assume_yes or self._assume_yes
         program = self._ask_program if may_ask and not assume_yes else None
-        key = (assume_yes, program)
+        key = (assume_yes, program, may_ask)
         decider = self._deciders.get(key)
         if decider is None:
             decider = EngineDecider(
                 self.r2_dir, self.policy_d, system_info=self.system_info,
-                ask_program=[program] if program else None, assume_yes_for_ask=assume_yes)
+                ask_program=[program] if program else None, assume_yes_for_ask=assume_yes,
+                policy_agent=self.policy_agent if may_ask else None)
             self._deciders[key] = decider
         return decider
 
@@ -379,11 +391,23 @@ def add_policy_options(parser: argparse.ArgumentParser, *, policy_d_aliases: Seq
                        "GetSystemInfo, as the reference; without an answer every call is "
                        f"denied) (default {DEFAULT_QUBESD_INTERNAL_SOCKET}); '' for none: "
                        "the policy then knows only the request's names (test rigs)")
+    group.add_argument("--policy-agent", metavar="DOMAIN", default=DEFAULT_POLICY_AGENT,
+                       type=_agent_name,
+                       help="where 'ask' rules are asked (policy.Ask) and notifications go "
+                       "(policy.Notify) for a source whose guivm the domains' facts do not "
+                       f"name (default {DEFAULT_POLICY_AGENT}); '' for none: such asks are "
+                       "denied, as the reference does")
     group.add_argument("--ask-program", metavar="PROG",
-                       help="program answering 'ask' rules (without it, 'ask' denies)")
+                       help="program answering 'ask' rules instead of the policy agent")
     group.add_argument("--assume-yes-for-ask", action="store_true",
                        help="answer 'ask' rules with their default target")
     return group
+
+
+def _agent_name(text: str) -> str:
+    if not valid_agent_name(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a domain name")
+    return text
 
 
 def system_info_from_args(args: argparse.Namespace, timeouts: Timeouts) -> SystemInfoSource:
@@ -396,10 +420,13 @@ def system_info_from_args(args: argparse.Namespace, timeouts: Timeouts) -> Syste
 
 
 def engines_from_args(args: argparse.Namespace, timeouts: Timeouts) -> PolicyEngines:
+    """The engines; a policy agent in a VM is called through ``args.socket_dir``."""
     return PolicyEngines(
         args.policy_dir or None, args.policy_d or DEFAULT_POLICY_D,
         system_info=system_info_from_args(args, timeouts), ask_program=args.ask_program,
-        assume_yes_for_ask=args.assume_yes_for_ask)
+        assume_yes_for_ask=args.assume_yes_for_ask,
+        policy_agent=PolicyAgentCaller(args.policy_agent, socket_dir=args.socket_dir,
+                                       timeouts=timeouts))
 
 
 # --- serving --------------------------------------------------------------------------
@@ -588,6 +615,7 @@ async def _serve(args: argparse.Namespace, engines: PolicyEngines, timeouts: Tim
                 return 1
             listening.append((sock, handler))
         async with trio.open_nursery() as nursery:
+            engines.attach(nursery)  # notifications to the policy agent
             for sock, handler in listening:
                 nursery.start_soon(serve_socket, sock, handler, nursery)
             await _stop_signals_handled()
@@ -614,6 +642,9 @@ def build_parser() -> argparse.ArgumentParser:
     group = add_policy_options(parser)
     group.add_argument("--policy-path", action="append", metavar="D",
                        help="the reference's name for --policy-d (one directory here)")
+    group.add_argument("--socket-dir", default=DEFAULT_SOCKET_DIR, metavar="DIR",
+                       help="qrexec-daemon sockets, for qrexec-client to a policy agent in a "
+                       f"VM (default {DEFAULT_SOCKET_DIR})")
     add_logging_options(parser)
     return parser
 

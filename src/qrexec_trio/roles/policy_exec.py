@@ -10,7 +10,10 @@ response format (plus a newline) and the exit status is 0 for allow, 1
 otherwise: the C ``qrexec-daemon`` runs ``qrexec-policy-exec -- SOURCE TARGET
 SERVICE`` this way when the policy socket is absent or answered badly (and
 our ``qrexec-daemon -p`` does the same). With ``--just-evaluate`` nothing is
-printed and an ``ask`` is a deny unless ``--assume-yes-for-ask``.
+printed and an ``ask`` is a deny unless ``--assume-yes-for-ask``; otherwise an
+``ask`` is put to the policy agent (``--policy-agent``, ``policy.Ask``) and
+decisions that notify are sent to its ``policy.Notify``, as ``qrexec-daemon``
+does (see ``roles/policy_agent.py``).
 
 With five arguments (the older daemons' fallback, wire-protocol.md §7.5) an
 allowed call is connected by running ``qrexec-client`` as the reference does:
@@ -125,7 +128,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     async def run_decide() -> int:
         nonlocal verdict
-        verdict = await decide()
+        # Notifications to the policy agent run beside the decision; this waits
+        # for them (each bounded) only after the answer is out.
+        async with trio.open_nursery() as nursery:
+            engines.attach(nursery)
+            verdict = await decide()
+            if domid is None and not args.just_evaluate:
+                sys.stdout.write(format_verdict(verdict).decode("ascii") + "\n")
+                sys.stdout.flush()
         return 0
 
     status = run_until_signal(run_decide)
@@ -135,9 +145,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     answer = format_verdict(verdict)
     allowed = answer != DENY_RESPONSE
     if domid is None or ident is None:
-        if not args.just_evaluate:
-            sys.stdout.write(answer.decode("ascii") + "\n")
-            sys.stdout.flush()
         return EXIT_ALLOW if allowed else EXIT_DENY
     if not allowed or verdict.target is None:
         return EXIT_DENY

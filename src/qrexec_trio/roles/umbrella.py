@@ -6,7 +6,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from .. import __version__
-from . import agent, client, daemon, demo, policy, policy_daemon, world
+from . import agent, client, daemon, demo, policy, policy_agent, policy_daemon, world
 
 
 def _programs() -> dict[str, tuple[Callable[[list[str]], int], str]]:
@@ -23,6 +23,8 @@ def _programs() -> dict[str, tuple[Callable[[list[str]], int], str]]:
         "agent": (agent.main, "qrexec-agent (VM)"),
         "policy": (_policy, "qrexec-policy (dom0); 'policy lint [DIRS]' checks policy files"),
         "policy-daemon": (policy_daemon.main, "qrexec-policy-daemon (dom0): the policy socket"),
+        "policy-agent": (policy_agent.main, "policy.Ask / policy.Notify service: asks on the "
+                         "terminal (install it in the domain that asks)"),
     }
 
 

@@ -38,6 +38,12 @@ keys are errors, so a typo never silently means a default)::
     demo.Echo * work vault allow
     """
     files = ["policy/extra.policy"]     # more policy.d files, relative to the config
+    agent = "work"              # where 'ask' rules are asked and notifications go:
+                                # dom0 or a VM that starts with the world. The world
+                                # installs policy.Ask and policy.Notify there (unless the
+                                # config defines them), running `qrexec-trio policy-agent`,
+                                # which asks on the world's terminal; default: dom0, with
+                                # only the services [dom0.services] gives it
 
 An inline body that starts with ``#!`` is a whole script (any interpreter);
 otherwise it is wrapped as ``#!/bin/sh\\n<body>\\n``. The policy is checked with

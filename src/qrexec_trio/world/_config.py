@@ -81,7 +81,24 @@ def load_world_config(path: str | os.PathLike[str]) -> WorldConfig:
         dom0_services=dom0_services,
         policy_files=policy_files,
         policy_origins=policy_origins,
+        policy_agent=_policy_agent(source, root, vms),
     )
+
+
+def _policy_agent(source: ConfigSource, root: Table, vms: tuple[VMSpec, ...]) -> str | None:
+    """``[policy] agent``: dom0 or a VM of the world that starts with it."""
+    where = ("policy", "agent")
+    agent = source.string(source.table(root, (), "policy"), ("policy",), "agent")
+    if agent is None or agent == ADMIN_VM:
+        return agent
+    by_name = {vm.name: vm for vm in vms}
+    vm = by_name.get(agent)
+    if vm is None:
+        raise source.error(where, f"policy agent {agent!r} is neither dom0 nor a VM of this world")
+    if not vm.autostart:
+        raise source.error(
+            where, f"policy agent {agent!r} must start with the world (autostart = true)")
+    return agent
 
 
 # --- the file and its syntax --------------------------------------------------------

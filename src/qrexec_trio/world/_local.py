@@ -70,8 +70,11 @@ class LocalDomains:
         user: str,
         vchan: str,
         log_options: Sequence[str] = (),
+        policy_agent: str | None = None,
     ) -> None:
         self.layout = layout
+        #: Where the daemons' policy asks and notifies (None: their default, dom0).
+        self.policy_agent = policy_agent
         self.user = user
         #: The vchan backend every program of the world uses.
         self.vchan = vchan
@@ -176,6 +179,7 @@ class LocalDomains:
             # domains' facts for the policy (internal.GetSystemInfo).
             "--qubesd-socket", str(layout.qubesd_socket),
             "--qubesd-internal-socket", str(layout.qubesd_socket), *self._log_options,
+            *(["--policy-agent", self.policy_agent] if self.policy_agent else []),
             str(vm.domid), vm.name, vm.info.default_user,
         ]
         try:

@@ -24,7 +24,7 @@ from ._source import ConfigSource, Table
 from ._spec import PolicyOrigin, VMSpec
 
 ADMIN_VM: Final = "dom0"
-_POLICY_KEYS: Final = frozenset({"rules", "files"})
+_POLICY_KEYS: Final = frozenset({"rules", "files", "agent"})
 _WHERE: Final = ("policy",)
 _INLINE_NAME: Final = "rules"
 _UNSAFE_IN_FILE_NAME: Final = re.compile(r"[^A-Za-z0-9_.-]")

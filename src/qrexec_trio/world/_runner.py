@@ -14,14 +14,17 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shlex
 import shutil
 from pathlib import Path
+from typing import Final
 
 import trio
 
 from .._config import Timeouts
 from .._errors import QrexecError
 from .._logging import get_logger
+from .._programs import program
 from .._sockets import has_kind
 from ..domains import Domain, serve_admin
 from ..nursery import gathering_methods
@@ -45,6 +48,22 @@ def _write_services(directory: Path, services: tuple[ServiceSpec, ...]) -> None:
         path.chmod(0o755)
 
 
+#: The policy agent's services, as the reference names them.
+POLICY_AGENT_SERVICES: Final = ("policy.Ask", "policy.Notify")
+
+
+def policy_agent_services(declared: tuple[ServiceSpec, ...]) -> tuple[ServiceSpec, ...]:
+    """``policy.Ask`` and ``policy.Notify`` running ``qrexec-trio policy-agent`` (on the
+    world's terminal), for those of the two the config does not define itself."""
+    own = {service.name for service in declared}
+    command = shlex.quote(program("qrexec-trio"))
+    return tuple(
+        ServiceSpec(name, f"#!/bin/sh\nexec {command} policy-agent {name}\n",
+                    "[policy] agent")
+        for name in POLICY_AGENT_SERVICES if name not in own
+    )
+
+
 def _claim(root: Path) -> None:
     """Make ``root`` ours: refuse a live world there, clear a dead one."""
     layout = WorldLayout(root)
@@ -66,11 +85,18 @@ def _lay_out(config: WorldConfig, layout: WorldLayout) -> list[LocalVM]:
         directory.mkdir(parents=True)
     for name, text in config.policy_files:
         (layout.policy_d / name).write_text(text)
-    _write_services(layout.dom0_services, config.dom0_services)
+    agent = config.policy_agent
+    dom0_services = config.dom0_services
+    if agent == "dom0":
+        dom0_services += policy_agent_services(dom0_services)
+    _write_services(layout.dom0_services, dom0_services)
     vms = []
     for spec in config.vms:
         root = layout.vm_dir(spec.name)
-        _write_services(root / "rpc", spec.services)
+        services = spec.services
+        if spec.name == agent:
+            services += policy_agent_services(services)
+        _write_services(root / "rpc", services)
         (root / "run").mkdir(parents=True)
         info = Domain(name=spec.name, type=spec.type, tags=tuple(spec.tags),
                       default_user=spec.default_user, default_dispvm=spec.default_dispvm,
@@ -98,7 +124,8 @@ class World:
             async with trio.open_nursery() as nursery:
                 domains = LocalDomains(self.layout, vms, nursery, self.timeouts,
                                        user=self.config.user, vchan=self.vchan,
-                                       log_options=self.log_options)
+                                       log_options=self.log_options,
+                                       policy_agent=self.config.policy_agent)
                 try:
                     # The world's admin socket also lists and cuts connections:
                     # those of every daemon and agent of the world.

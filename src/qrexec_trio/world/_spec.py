@@ -64,6 +64,10 @@ class WorldConfig:
     #: (the names sort in that order too).
     policy_files: tuple[tuple[str, str], ...]
     policy_origins: tuple[PolicyOrigin, ...]
+    #: Where ``ask`` rules are asked and notifications go (``dom0`` or a VM); the
+    #: world installs ``policy.Ask`` and ``policy.Notify`` there. None: dom0, with
+    #: only the services the config gives it.
+    policy_agent: str | None = None
 
     def vm(self, name: str) -> VMSpec:
         """The VM called ``name``; KeyError if there is none."""
