@@ -50,7 +50,7 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeVar
 
 import structlog
 import trio
@@ -105,6 +105,7 @@ EVAL_MAX_HEADER: Final = 65536
 _EVAL_NAME: Final = re.compile(r"[A-Za-z0-9@_.-]+")
 
 _RECEIVE_CHUNK: Final = 4096
+_T = TypeVar("_T")
 
 
 class BadRequest(ValueError):
@@ -447,20 +448,35 @@ class PolicyDaemon:
             finally:
                 await stream.aclose()
 
-    async def _answer_policy(self, stream: trio.SocketStream) -> None:
-        reader = RequestReader()
+    async def _receive(self, read: Callable[[], Awaitable[_T]], what: str) -> _T | None:
+        """A client's request within the request timeout; ``None`` (logged) if it broke."""
         try:
             with trio.fail_after(self.timeouts.client_request):
-                request = await _read_request(stream, reader)
+                return await read()
         except BadRequest as exc:
-            log.warning("bad policy request; closing", error=str(exc))
-            return
+            log.warning(f"bad policy {what}; closing", error=str(exc))
         except trio.TooSlowError:
-            log.warning("policy request not received in time; closing",
+            log.warning(f"policy {what} not received in time; closing",
                         timeout=self.timeouts.client_request)
-            return
         except trio.BrokenResourceError as exc:
             log.warning("policy client failed while sending", error=str(exc))
+        return None
+
+    async def _decide(self, source: str, target: str, call_name: str, *,
+                      assume_yes: bool, may_ask: bool) -> Verdict:
+        """The engine's verdict within the policy timeout; deny when it takes longer."""
+        verdict = Verdict(allowed=False)
+        with trio.move_on_after(self.timeouts.policy) as scope:
+            verdict = await self.engines.decide(source, target, call_name,
+                                                assume_yes=assume_yes, may_ask=may_ask)
+        if scope.cancelled_caught:
+            log.warning("policy decision timed out; denying", timeout=self.timeouts.policy)
+        return verdict
+
+    async def _answer_policy(self, stream: trio.SocketStream) -> None:
+        reader = RequestReader()
+        request = await self._receive(lambda: _read_request(stream, reader), "request")
+        if request is None:
             return
         if reader.trailing:
             log.info("bytes after the request ignored", size=reader.trailing)
@@ -471,13 +487,9 @@ class PolicyDaemon:
             # never claimed (as our own qrexec-daemon does).
             context["requested_source"] = _clip(request.requested_source)
         with structlog.contextvars.bound_contextvars(**context):
-            verdict = Verdict(allowed=False)
-            with trio.move_on_after(self.timeouts.policy) as scope:
-                verdict = await self.engines.decide(
-                    request.source, request.target, request.service_and_arg,
-                    assume_yes=request.assume_yes_for_ask, may_ask=not request.just_evaluate)
-            if scope.cancelled_caught:
-                log.warning("policy decision timed out; denying", timeout=self.timeouts.policy)
+            verdict = await self._decide(
+                request.source, request.target, request.service_and_arg,
+                assume_yes=request.assume_yes_for_ask, may_ask=not request.just_evaluate)
             await self._send(stream, format_verdict(verdict, just_evaluate=request.just_evaluate))
 
     async def serve_eval(self, stream: trio.SocketStream, service_name: str,
@@ -491,19 +503,11 @@ class PolicyDaemon:
 
     async def _answer_eval(self, stream: trio.SocketStream, service_name: str,
                            check_gui: bool) -> None:
-        try:
-            with trio.fail_after(self.timeouts.client_request):
-                data = await _read_eval_call(stream)
-            query = parse_eval_call(data, service_name)
-        except BadRequest as exc:
-            log.warning("bad policy query; closing", error=str(exc))
-            return
-        except trio.TooSlowError:
-            log.warning("policy query not received in time; closing",
-                        timeout=self.timeouts.client_request)
-            return
-        except trio.BrokenResourceError as exc:
-            log.warning("policy client failed while sending", error=str(exc))
+        async def read() -> EvalQuery:
+            return parse_eval_call(await _read_eval_call(stream), service_name)
+
+        query = await self._receive(read, "query")
+        if query is None:
             return
         with structlog.contextvars.bound_contextvars(
                 caller=query.caller, source=query.source, target=query.target,
@@ -512,13 +516,8 @@ class PolicyDaemon:
                 log.warning("policy query refused; closing",
                             error="the caller is not the GuiVM of both qubes")
                 return
-            verdict = Verdict(allowed=False)
-            with trio.move_on_after(self.timeouts.policy) as scope:
-                verdict = await self.engines.decide(
-                    query.source, query.target, query.service_and_arg,
-                    assume_yes=True, may_ask=False)
-            if scope.cancelled_caught:
-                log.warning("policy decision timed out; denying", timeout=self.timeouts.policy)
+            verdict = await self._decide(query.source, query.target, query.service_and_arg,
+                                         assume_yes=True, may_ask=False)
             await self._send(stream, format_eval_answer(verdict.allowed))
 
     async def _caller_is_guivm(self, query: EvalQuery) -> bool:
