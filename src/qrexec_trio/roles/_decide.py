@@ -32,6 +32,7 @@ policy that allows on what it cannot check is not failing closed.
 
 from __future__ import annotations
 
+import argparse
 import functools
 import subprocess
 from collections.abc import Iterable, Sequence
@@ -314,3 +315,14 @@ class ProgramDecider:
         except MalformedResponse as exc:
             log.error("policy program answered malformed response; denying", error=str(exc))
             return Verdict(allowed=False)
+
+
+def system_info_from_args(args: argparse.Namespace, timeouts: Timeouts) -> SystemInfoSource:
+    """Where the domains' facts come from, for every program with the policy options:
+    ``--system-info`` (then qubesd is not asked), else ``--qubesd-internal-socket``,
+    else (``''``) the request's names only."""
+    if args.system_info is not None:
+        return SystemInfoFile(args.system_info)
+    if args.qubesd_internal_socket:
+        return QubesdSystemInfo(args.qubesd_internal_socket, call_timeout=timeouts.admin_call)
+    return RequestNamesOnly()

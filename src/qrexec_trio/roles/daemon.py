@@ -80,10 +80,7 @@ from ._decide import (
     Decider,
     EngineDecider,
     ProgramDecider,
-    QubesdSystemInfo,
-    RequestNamesOnly,
-    SystemInfoFile,
-    SystemInfoSource,
+    system_info_from_args,
 )
 from ._ports import PortTable
 from .policy_agent import DEFAULT_POLICY_AGENT, PolicyAgentCaller, valid_agent_name
@@ -671,16 +668,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _decider(args: argparse.Namespace, timeouts: Timeouts) -> Decider:
     if args.policy_program is not None:
         return ProgramDecider(args.policy_program)
-    system_info: SystemInfoSource
-    if args.system_info is not None:
-        system_info = SystemInfoFile(args.system_info)  # then qubesd is not asked
-    elif args.qubesd_internal_socket:
-        system_info = QubesdSystemInfo(args.qubesd_internal_socket,
-                                       call_timeout=timeouts.admin_call)
-    else:
-        system_info = RequestNamesOnly()
     return EngineDecider(
-        args.policy_dir, args.policy_d, system_info=system_info,
+        args.policy_dir, args.policy_d, system_info=system_info_from_args(args, timeouts),
         ask_program=[args.ask_program] if args.ask_program else None,
         assume_yes_for_ask=args.assume_yes_for_ask,
         policy_agent=PolicyAgentCaller(args.policy_agent, socket_dir=args.socket_dir,

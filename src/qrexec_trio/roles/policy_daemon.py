@@ -64,11 +64,9 @@ from ..policy import DEFAULT_POLICY_D, DEFAULT_R2_DIR, SystemInfo, Verdict
 from ._cli import DAEMON_STOP_SIGNALS, add_logging_options, run_long_lived, setup_logging
 from ._decide import (
     EngineDecider,
-    QubesdSystemInfo,
-    RequestNamesOnly,
-    SystemInfoFile,
     SystemInfoSource,
     SystemInfoUnavailable,
+    system_info_from_args,
 )
 from .daemon import DEFAULT_SOCKET_DIR
 from .policy_agent import DEFAULT_POLICY_AGENT, PolicyAgentCaller, valid_agent_name
@@ -409,15 +407,6 @@ def _agent_name(text: str) -> str:
     if not valid_agent_name(text):
         raise argparse.ArgumentTypeError(f"{text!r} is not a domain name")
     return text
-
-
-def system_info_from_args(args: argparse.Namespace, timeouts: Timeouts) -> SystemInfoSource:
-    """Where the domains' facts come from, chosen as ``qrexec-daemon`` chooses."""
-    if args.system_info is not None:
-        return SystemInfoFile(args.system_info)
-    if args.qubesd_internal_socket:
-        return QubesdSystemInfo(args.qubesd_internal_socket, call_timeout=timeouts.admin_call)
-    return RequestNamesOnly()
 
 
 def engines_from_args(args: argparse.Namespace, timeouts: Timeouts) -> PolicyEngines:
