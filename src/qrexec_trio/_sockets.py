@@ -9,6 +9,10 @@ the admin server and every control socket, so that the rules live once:
   inode): a successor that already bound the path keeps it.
 * Accepting rides out EMFILE/ENFILE/ENOMEM (we back off) and ECONNABORTED
   (``SocketListener`` retries), without spinning.
+* Every socket listens with the system's largest backlog, and their clients
+  connect through :func:`connect_unix` (or :func:`connect_unix_blocking`),
+  which waits out a full listen queue instead of failing: a burst of callers
+  is queued, not refused.
 """
 
 from __future__ import annotations
@@ -16,8 +20,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import random
 import socket
 import stat
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Final
 
@@ -27,8 +33,27 @@ from ._logging import get_logger
 
 log = get_logger(__name__)
 
-#: The listen backlog of every serving socket.
-BACKLOG: Final = 64
+_SOMAXCONN_PATH: Final = "/proc/sys/net/core/somaxconn"
+
+
+def system_max_backlog() -> int:
+    """The largest listen backlog the kernel grants (``net.core.somaxconn``).
+
+    The kernel silently caps listen()'s argument at somaxconn, so asking for
+    more would be harmless; reading it instead makes the backlog we really get
+    visible. Without /proc, the C library's SOMAXCONN.
+    """
+    try:
+        with open(_SOMAXCONN_PATH, encoding="ascii") as file:
+            value = int(file.read())
+    except (OSError, ValueError):
+        return socket.SOMAXCONN
+    return value if value > 0 else socket.SOMAXCONN
+
+
+#: The listen backlog of every serving socket: the system's maximum, so that a
+#: burst of clients waits in the queue rather than meeting a full one.
+BACKLOG: Final = system_max_backlog()
 
 
 def remove_stale(path: str, is_kind: Callable[[int], bool] = stat.S_ISSOCK) -> None:
@@ -107,3 +132,92 @@ async def serve_socket(
             await trio.sleep(backoff)
             continue
         handler_nursery.start_soon(handler, stream)
+
+
+# -- the client side -------------------------------------------------------------------
+
+#: Waiting for room in a full listen queue: the first pause, doubled up to the
+#: last. Short, because a server that accepts at all empties its queue fast.
+_QUEUE_FULL_FIRST_PAUSE: Final = 0.001
+_QUEUE_FULL_LAST_PAUSE: Final = 0.05
+
+
+class ListenQueueFull(TimeoutError):
+    """The server's listen queue stayed full for the whole connect timeout.
+
+    An :class:`OSError` (errno EAGAIN, ``filename`` the socket's path), so that
+    callers that report a failed connect by its ``strerror`` report this too.
+    """
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__(
+            errno.EAGAIN,
+            f"its listen queue stayed full for {timeout:g}s (the server is not accepting)",
+            path,
+        )
+
+
+def _attempt(path: str) -> socket.socket | None:
+    """A non-blocking unix stream socket connected to ``path``; None if its queue is full.
+
+    On Linux a non-blocking connect() to a unix socket never is "in progress":
+    it connects at once or fails, EAGAIN meaning the listen queue is full.
+    (trio's ``connect`` takes that EAGAIN for "in progress" and hands back a
+    socket that is not connected, hence this function.) Other errors raise.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        sock.connect(path)
+    except BlockingIOError as exc:
+        sock.close()
+        if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+            return None
+        raise
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _pauses(timeout: float, clock: Callable[[], float]) -> Iterator[float]:
+    """Pauses between attempts until ``timeout`` (by ``clock``) is spent; then none.
+
+    Jittered, so that the clients of one burst do not all come back at once.
+    """
+    deadline = clock() + timeout
+    pause = _QUEUE_FULL_FIRST_PAUSE
+    while (left := deadline - clock()) > 0:
+        yield min(pause * random.uniform(0.5, 1.0), left)
+        pause = min(2 * pause, _QUEUE_FULL_LAST_PAUSE)
+
+
+async def connect_unix(path: str, *, timeout: float) -> trio.SocketStream:
+    """A stream connected to the unix socket at ``path``, waiting out a full listen queue.
+
+    Raises :class:`ListenQueueFull` if the queue stays full for ``timeout``
+    seconds, and :class:`OSError` as connect() does for anything else (no
+    such socket, nobody listening, ...).
+    """
+    pauses = _pauses(timeout, trio.current_time)
+    while True:
+        await trio.lowlevel.checkpoint()
+        sock = _attempt(path)
+        if sock is not None:
+            return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        pause = next(pauses, None)
+        if pause is None:
+            raise ListenQueueFull(path, timeout)
+        await trio.sleep(pause)
+
+
+def connect_unix_blocking(path: str, *, timeout: float) -> socket.socket:
+    """:func:`connect_unix` for synchronous code: a blocking socket, or the same errors."""
+    pauses = _pauses(timeout, time.monotonic)
+    while (sock := _attempt(path)) is None:
+        pause = next(pauses, None)
+        if pause is None:
+            raise ListenQueueFull(path, timeout)
+        time.sleep(pause)
+    sock.setblocking(True)
+    return sock

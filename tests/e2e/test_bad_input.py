@@ -113,16 +113,6 @@ def test_bad_agent_drops_the_control_link_and_the_daemon_recovers(
 
 
 @pytest.mark.socket_vchan_peer
-def test_agent_hello_below_2_at_startup_fails_the_daemon(host: Host) -> None:
-    vm, control = host.start_daemon_for_fake_agent("vm1", 42)
-    agent = Peer(control)
-    agent.send(HELLO, struct.pack("<I", 1))
-    assert vm.daemon is not None
-    assert vm.daemon.wait(20) == 1
-    assert _logged(vm.daemon_events(), "need >= 2")
-
-
-@pytest.mark.socket_vchan_peer
 def test_oversized_data_chunk_to_the_client_is_a_clear_error(host: Host) -> None:
     """A service side that sends more than the negotiated chunk limit."""
     vm = host.add_vm("vm1", 42)

@@ -267,7 +267,7 @@ def _unknown_id_with_a_port(peer: Peer) -> None:
 
 def _port_that_is_no_data_port(peer: Peer) -> None:
     peer.send(HELLO, struct.pack("<I", 3))
-    peer.send(SERVICE_CONNECT, ports(43, 999) + padded(b"REQ1"))
+    peer.send(SERVICE_CONNECT, ports(43, 9999) + padded(b"REQ1"))
 
 
 BAD_CLIENTS: list[tuple[Callable[[Peer], None], str, str]] = [
@@ -287,7 +287,7 @@ BAD_CLIENTS: list[tuple[Callable[[Peer], None], str, str]] = [
     (_unknown_id, "SERVICE_CONNECT for a request that is not pending", "NEVER-ASKED"),
     (_unknown_id_with_a_port, "SERVICE_CONNECT for a request that is not pending",
      "NEVER-ASKED"),
-    (_port_that_is_no_data_port, "client dropped", "port 999, not a data port"),
+    (_port_that_is_no_data_port, "client dropped", "port 9999, not a data port"),
 ]
 
 

@@ -21,7 +21,7 @@ import pytest
 import trio
 import trio.testing
 
-from qrexec_trio.xen import Vchan, VchanConnectTimeout, VchanError
+from qrexec_trio.xen import Vchan, VchanConnectTimeout, VchanError, VchanWithdrawn
 
 shm = pytest.importorskip("qrexec_trio.xen._shm", reason="the shm extension is not built")
 ShmBackend = shm.ShmBackend
@@ -454,8 +454,10 @@ async def test_listener_close_and_accept_timeout_release_everything(backends, sh
         await listener.accept(0.1)
     await listener.aclose()
     assert _fd_count() == before
-    with pytest.raises(VchanConnectTimeout):
+    with pytest.raises(VchanWithdrawn):  # the accept that timed out left its marker
         await vm.connect(0, 606, timeout=0.1)
+    with pytest.raises(VchanConnectTimeout):  # the marker was taken: nothing is offered
+        await vm.connect(0, 607, timeout=0.1)
     assert _fd_count() == before
 
 

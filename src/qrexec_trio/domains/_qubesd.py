@@ -34,6 +34,7 @@ import trio
 
 from .._config import Timeouts
 from .._logging import get_logger
+from .._sockets import connect_unix
 from ..protocol import is_qube_name
 from ._admin import (
     COMMUNICATION_ERROR,
@@ -146,7 +147,7 @@ class QubesdDomains:
 
     async def _exchange(self, request: bytes, what: str, max_reply: int) -> bytes:
         try:
-            stream = await trio.open_unix_socket(self.socket_path)
+            stream = await connect_unix(self.socket_path, timeout=self.call_timeout)
         except OSError as exc:
             raise DomainsError(
                 COMMUNICATION_ERROR,

@@ -6,9 +6,7 @@ import dataclasses
 import errno
 import select
 import socket
-import struct
 import subprocess
-import threading
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from typing import final
@@ -16,6 +14,7 @@ from typing import final
 import trio
 
 from .._config import Timeouts
+from .._sockets import connect_unix
 from ..protocol import ExitStatus
 from ..services import LaunchError, Plan, ProgramPlan, SocketPlan
 from ..services._plan import TcpPlan
@@ -161,62 +160,11 @@ def _service_name(plan: SocketPlan | TcpPlan) -> str:
     return f"socket service {plan.path}"
 
 
-class _Handover:
-    """A socket connected in a thread, and whether its caller gave up on it."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.abandoned = False
-        self.sock: socket.socket | None = None
-
-
-async def _connect_unix(path: str, timeout: float) -> trio.SocketStream:
-    """Connect as the reference does, with a blocking connect(), but bounded.
-
-    A non-blocking connect() to a unix socket whose backlog is full fails at
-    once (and trio would then take it for connected); a blocking one waits for
-    the server to accept, for at most SO_SNDTIMEO. So it runs in a thread,
-    abandoned if we are cancelled: the socket is closed whoever finishes last.
-    """
-    handover = _Handover()
-    seconds = int(timeout)
-    bound = struct.pack("@ll", seconds, int((timeout - seconds) * 1_000_000))
-
-    def connect() -> socket.socket | None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, bound)
-            try:
-                sock.connect(path)
-            except BlockingIOError:
-                raise TimeoutError(f"no answer within {timeout:g}s") from None
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("@ll", 0, 0))
-        except BaseException:
-            sock.close()
-            raise
-        with handover.lock:
-            if handover.abandoned:
-                sock.close()
-                return None
-            handover.sock = sock
-        return sock
-
-    try:
-        sock = await trio.to_thread.run_sync(connect, abandon_on_cancel=True)
-    except trio.Cancelled:
-        with handover.lock:
-            handover.abandoned = True
-            if handover.sock is not None:
-                handover.sock.close()
-        raise
-    assert sock is not None
-    sock.setblocking(False)
-    return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
-
-
 async def _connect(plan: SocketPlan | TcpPlan, timeout: float) -> trio.SocketStream:
     if isinstance(plan, SocketPlan):
-        return await _connect_unix(plan.path, timeout)
+        # A full listen queue is waited out (within the timeout), as the
+        # reference's blocking connect() does.
+        return await connect_unix(plan.path, timeout=timeout)
     family = socket.AF_INET6 if ":" in plan.host else socket.AF_INET
     sock = trio.socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:

@@ -30,10 +30,14 @@ CLIENT_PROTOCOL_VERSION = 3
 #: The oldest version any vchan peer may negotiate (v1 had no HELLO at all).
 MIN_PROTOCOL_VERSION = 2
 
-#: The control vchan port; data ports are the 256 ports after it.
+#: The control vchan port; data ports are the MAX_DATA_PORTS ports after it.
 VCHAN_BASE_PORT = 512
 FIRST_DATA_PORT = VCHAN_BASE_PORT + 1
-MAX_DATA_PORTS = 256
+#: The reference has 256 (513..768), shared by dom0's and VM peers' calls, and
+#: a VM pair gets half of them per direction (the parity split). 1024 lets 256
+#: calls of one VM (to dom0, or to one peer VM) run with room to spare. The
+#: first port (513) and the parity rule are unchanged.
+MAX_DATA_PORTS = 1024
 LAST_DATA_PORT = FIRST_DATA_PORT + MAX_DATA_PORTS - 1
 
 MAX_DATA_CHUNK_V2 = 4096

@@ -18,9 +18,11 @@ killed and the DispVM destroyed.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import math
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Final
 
@@ -29,6 +31,7 @@ import trio
 from .._config import Timeouts
 from .._errors import QrexecError
 from .._logging import get_logger
+from .._sockets import connect_unix
 from ..domains import Domains, DomainsError, disposable
 from ..nursery import (
     Connection,
@@ -87,7 +90,7 @@ async def open_daemon_request(
     """
     path = os.path.join(socket_dir, f"qrexec.{target}")
     try:
-        stream = await trio.open_unix_socket(path)
+        stream = await connect_unix(path, timeout=timeouts.handshake)
     except OSError as exc:
         if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
             raise TargetNotRunning(
@@ -201,11 +204,27 @@ def dom0_service_call(target: Target, descriptor: str, source: str) -> RpcCall:
     return RpcCall(descriptor, name, argument, source, kind, value or "dom0")
 
 
+class NoTurnToConnect(ConnectError):
+    """A VM-to-VM call did not get its turn to be connected in time (see :class:`Connector`)."""
+
+
 class Connector:
-    """Builds connections for allowed calls; one per dom0 program."""
+    """Builds connections for allowed calls; one per dom0 program.
+
+    With ``max_connecting``, at most that many VM-to-VM calls are being
+    connected at once (from the target's request until both legs' HELLOs);
+    the others wait their turn *before* anything of theirs starts. Setting up
+    a call is a chain of steps through several processes, each bounded by a
+    short timeout (a leg's HELLO, the target's data vchan). A thousand calls
+    set up at once share the CPU, so every step of every call gets slow
+    together, and the bounds fire on calls that are merely queued. Calls that
+    wait their turn wait where waiting is expected: their caller is waiting
+    for dom0's answer anyway.
+    """
 
     def __init__(self, backend: VchanBackend, timeouts: Timeouts, socket_dir: str,
-                 ledger: GroupLedger | None = None, domains: Domains | None = None) -> None:
+                 ledger: GroupLedger | None = None, domains: Domains | None = None,
+                 *, max_connecting: int | None = None) -> None:
         self.backend = backend
         self.timeouts = timeouts
         self.socket_dir = socket_dir
@@ -213,17 +232,20 @@ class Connector:
         self.domains = domains
         #: Where dom0 services' process groups are written down (for a successor).
         self.ledger = ledger
+        self._connecting = trio.CapacityLimiter(max_connecting) if max_connecting else None
 
     async def connect(
         self, conn: Connection, accept_source: AcceptSource, target: Target, descriptor: str,
-        source: str,
+        source: str, *, turn_by: float = math.inf,
     ) -> int | None:
         """Build and run the whole call in ``conn``; returns a dom0 service's exit status.
 
         Everything the call opens is entered into ``conn``, so it is released
         when the connection ends, however it ends. For a VM target the target
         leg is set up *before* the source is answered, so that a target that
-        cannot be reached is a refusal, not a half-open call.
+        cannot be reached is a refusal, not a half-open call. A VM-to-VM call
+        that has no turn to be connected by ``turn_by`` (trio's clock) raises
+        :class:`NoTurnToConnect`, the source still unanswered.
         """
         conn.describe(target=target.name, service=descriptor)
         if target.is_dom0:
@@ -234,7 +256,7 @@ class Connector:
         template = target.dispvm_template
         if template is None:
             await self._vm_to_vm(conn, accept_source, target,
-                                 target_cmdline(target, descriptor, source))
+                                 target_cmdline(target, descriptor, source), turn_by)
             return None
         if self.domains is None:
             raise ConnectError("DispVMs are not available: no domain manager")
@@ -244,7 +266,7 @@ class Connector:
         conn.describe(target=name)
         dispvm = replace(target, name=name, autostart=False)
         await self._vm_to_vm(conn, accept_source, dispvm,
-                             target_cmdline(dispvm, descriptor, source))
+                             target_cmdline(dispvm, descriptor, source), turn_by)
         return None
 
     async def _open_source(self, conn: Connection, accept_source: AcceptSource) -> FramedLink:
@@ -304,20 +326,43 @@ class Connector:
         log.info("target leg open", target=target.name, target_call=call_id(domid, port))
         return vchan
 
+    @contextlib.asynccontextmanager
+    async def _turn_to_connect(self, turn_by: float) -> AsyncIterator[None]:
+        """Hold one of the ``max_connecting`` turns (see the class); none if unbounded."""
+        turns = self._connecting
+        if turns is None:
+            yield
+            return
+        if turns.available_tokens == 0:
+            log.info("call waits its turn to be connected", connecting=turns.borrowed_tokens)
+        got_turn = False
+        with trio.move_on_at(turn_by):
+            await turns.acquire()
+            got_turn = True
+        if not got_turn:
+            raise NoTurnToConnect(
+                f"no turn to be connected in time: {turns.borrowed_tokens} calls from this "
+                "VM were being connected, the most at once (--max-connecting)")
+        try:
+            yield
+        finally:
+            turns.release()
+
     async def _vm_to_vm(self, conn: Connection, accept_source: AcceptSource, target: Target,
-                        cmdline: bytes) -> None:
-        target_vchan = await self._target_leg(conn, target, cmdline)
-        source = await self._open_source(conn, accept_source)
-        target_link = FramedLink(target_vchan, Direction.SERVICE_TO_CALLER)
-        with trio.fail_after(self.timeouts.handshake):
-            # dom0 ends both legs: read both HELLOs, then offer each leg the
-            # lower version, so both agree on one chunk limit.
-            source_version = await source.receive_hello()
-            target_version = await target_link.receive_hello()
-            version = min(PROTOCOL_VERSION, source_version, target_version)
-            negotiate_version(PROTOCOL_VERSION, version)
-            await source.send_hello(version)
-            await target_link.send_hello(version)
+                        cmdline: bytes, turn_by: float) -> None:
+        async with self._turn_to_connect(turn_by):
+            target_vchan = await self._target_leg(conn, target, cmdline)
+            source = await self._open_source(conn, accept_source)
+            target_link = FramedLink(target_vchan, Direction.SERVICE_TO_CALLER)
+            with trio.fail_after(self.timeouts.handshake):
+                # dom0 ends both legs: read both HELLOs, then offer each leg the
+                # lower version, so both agree on one chunk limit.
+                source_version = await source.receive_hello()
+                target_version = await target_link.receive_hello()
+                version = min(PROTOCOL_VERSION, source_version, target_version)
+                negotiate_version(PROTOCOL_VERSION, version)
+                await source.send_hello(version)
+                await target_link.send_hello(version)
         log.info("glued", target=target.name, version=version)
         conn.running()
         await glue(source.stream, target_vchan, first_pending=source.take_buffered(),

@@ -1,7 +1,7 @@
 """Data-port allocation of a qrexec-daemon (wire-protocol.md §8).
 
-Pure bookkeeping, no I/O. A port is 513 + i for a slot i in [0, 256); each slot
-remembers the domain it was given for, and is freed only by a
+Pure bookkeeping, no I/O. A port is 513 + i for a slot i in [0, MAX_DATA_PORTS);
+each slot remembers the domain it was given for, and is freed only by a
 MSG_CONNECTION_TERMINATED naming that same (domain, port).
 """
 
@@ -18,23 +18,33 @@ class PortTable:
         self.own_domain = own_domain
         self._owner: list[int | None] = [None] * MAX_DATA_PORTS
 
-    def allocate(self, connect_domain: int) -> int | None:
-        """A free port for a connection with ``connect_domain``, or ``None`` if all are taken.
+    def _slots(self, connect_domain: int) -> range:
+        """The slots a connection with ``connect_domain`` may take.
 
-        dom0 connections take the first free slot. VM-to-VM connections use the
-        parity split: the daemon of the lower domid takes odd slots for a higher
-        peer, the higher one even slots for a lower peer, so the two daemons of
-        one VM pair never hand out the same port.
+        dom0 connections take any slot. VM-to-VM connections use the parity
+        split: the daemon of the lower domid takes odd slots for a higher
+        peer, the higher one even slots for a lower peer, so the two daemons
+        of one VM pair never hand out the same port.
         """
         if connect_domain == 0:
-            start, step = 0, 1
-        else:
-            start, step = (1 if connect_domain > self.own_domain else 0), 2
-        for slot in range(start, MAX_DATA_PORTS, step):
+            return range(MAX_DATA_PORTS)
+        return range(1 if connect_domain > self.own_domain else 0, MAX_DATA_PORTS, 2)
+
+    def allocate(self, connect_domain: int) -> int | None:
+        """The first free port for a connection with ``connect_domain`` (``None``: all taken)."""
+        for slot in self._slots(connect_domain):
             if self._owner[slot] is None:
                 self._owner[slot] = connect_domain
                 return FIRST_DATA_PORT + slot
         return None
+
+    def exhausted(self, connect_domain: int) -> str:
+        """Why :meth:`allocate` gave ``None`` for ``connect_domain``, for a log line."""
+        if connect_domain == 0:
+            return f"all {MAX_DATA_PORTS} data ports of domain {self.own_domain} are in use"
+        side = "above" if connect_domain > self.own_domain else "below"
+        return (f"all {len(self._slots(connect_domain))} data ports that domain "
+                f"{self.own_domain} gives for peers {side} it are in use")
 
     def release(self, connect_domain: int, port: int) -> bool:
         """Free ``port`` if it was allocated for ``connect_domain``; False if nothing matched."""

@@ -19,7 +19,12 @@ accepted as a raw 4-byte little-endian int. The three numbers, as the text
 program's stdin, socket 1 its stdout, socket 2 the status channel. The client
 then writes one 128-byte record to the FIFO, ``service[64] target[32]
 cid[32]``, each field NUL-terminated and NUL-padded (one write of less than
-PIPE_BUF bytes, so records from concurrent clients never interleave).
+PIPE_BUF bytes, so records from concurrent clients never interleave). A
+socket its client closes before writing the record is released, so its CID
+names nothing any more; a socket closed after the record, with nothing unread
+in it, is still claimed (the agent takes the FIFO's records before it
+releases a closed socket), and so is one with unread data or only its write
+side shut down.
 
 **Status channel** (socket 2; our own protocol, R2 had no way to report an
 outcome). The agent writes qrexec-framed messages (8-byte header
@@ -38,8 +43,8 @@ so the agent's writes fail at once and are dropped instead of filling the
 socket buffer. Bytes the client writes into socket 2 (that program's stderr)
 are read and dropped by the agent: today's protocol cannot carry the caller's
 stderr. The agent closing the sockets with no final message means the request
-was never answered (its record was dropped, or its sockets expired
-unclaimed).
+was never answered (its record was dropped, or named a socket that was no
+longer unclaimed, or its sockets expired unclaimed).
 """
 
 from __future__ import annotations

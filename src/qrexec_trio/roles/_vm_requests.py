@@ -20,15 +20,26 @@ and today's qrexec):
 Hardening of the R2 CID, which in R2 bound whatever fd had that number: a CID
 binds only sockets this agent accepted on its fdpass socket, that are still
 unclaimed (each is claimed once) and not yet expired (``timeouts.cid_claim``),
-and that were all three connected by the same process (SO_PEERCRED), so a
-forged, stale, reused or mixed CID is refused with a log line and touches no
-socket.
+and that were all three connected by the same process (SO_PEERCRED); any other
+CID is refused with a log line and touches no socket. The FIFO carries no
+credentials, though: whoever writes a record can name another process's
+unclaimed sockets if it guesses their numbers. An unclaimed socket whose
+client closed it is released at once, and unclaimed sockets are capped per
+process, per user and in all (:class:`ClaimCaps`), so that one local process
+cannot hold the slots every caller needs.
 
-Requests wait in a table keyed by their ident until dom0 answers (at most
-``timeouts.request_answer``; a lost control link refuses them). Answers for
-idents not in the table are logged and ignored. Everything here lives in the
-nursery of :meth:`VmRequests.serve`; cancelling it closes every socket and the
-FIFO and removes their files.
+The ident a request has here (``SOCKET<fd>``, or the CID) is made of fd
+numbers, which the next client gets once the old ones are closed, while dom0
+may still hold the old request (its requester gave up waiting). So every ident
+sent to dom0 is leased (:class:`DomRequests`) until dom0 answers it or the
+control link is lost, and a request whose ident is leased goes to dom0 under a
+derived one (``SOCKET13.2``). Only dom0 sees that one: the client, the
+status channel and the agent's connection registry keep the request's own.
+
+Requests wait at most ``timeouts.request_answer`` for dom0 (a lost control
+link refuses them). Answers for idents not leased are logged and ignored.
+Everything here lives in the nursery of :meth:`VmRequests.serve`; cancelling
+it closes every socket and the FIFO and removes their files.
 """
 
 from __future__ import annotations
@@ -36,13 +47,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import itertools
 import os
+import select
 import socket
 import stat
 import struct
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Final, Generic, Protocol, TypeVar, final
+from typing import Final, Generic, Literal, Protocol, TypeAlias, TypeVar, final
 
 import structlog
 import trio
@@ -63,7 +77,7 @@ from ..nursery import (
     open_caller_link,
 )
 from ..protocol import (
-    MAX_DATA_PORTS,
+    IDENT_SIZE,
     ConnectionTerminated,
     Data,
     Direction,
@@ -89,10 +103,14 @@ from ._vm_local import (
 
 log = get_logger(__name__)
 
-#: Sockets handed out on the fdpass socket and not yet claimed: a local user
-#: could otherwise exhaust the agent's fds by connecting and never claiming.
-MAX_UNCLAIMED: Final = 3 * MAX_DATA_PORTS
 _PEERCRED: Final = struct.Struct("3i")  # struct ucred: pid, uid, gid
+#: Calls whose fdpass sockets may wait for their claim at once (see ClaimCaps).
+_CALLS_SET_UP_AT_ONCE: Final = 256
+#: FIFO records taken per wake-up: a flood of them must not stall the other tasks.
+_RECORDS_PER_WAKE: Final = 64
+#: The most records a FIFO can hold at once (1 MiB, Linux's default pipe-max-size,
+#: the most an unprivileged writer can make it).
+_RECORDS_IN_A_FULL_FIFO: Final = (1 << 20) // FIFO_RECORD_SIZE
 
 
 class SetupError(QrexecError):
@@ -130,43 +148,87 @@ class RequestPaths:
 
 # -- the fdpass sockets' claim table -----------------------------------------------
 
+
+@dataclass(frozen=True)
+class ClaimCaps:
+    """How many handed-out sockets may wait unclaimed, by whom.
+
+    Each is an fd of the agent's until it is claimed, its client closes it, or
+    ``timeouts.cid_claim`` passes. A caller holds three while it sets up a
+    call (our ``qrexec-client-vm`` makes one). A process may hold eight calls'
+    worth (a threaded caller); all callers together 256 calls' worth (set up
+    at once: a claimed socket leaves the table), a fixed number rather than
+    one that follows the data ports, since each is an fd; one user two thirds
+    of that, so that the VM's other users (root, a service's user) keep a
+    third.
+    """
+
+    per_process: int = 3 * 8
+    per_user: int = 2 * _CALLS_SET_UP_AT_ONCE
+    total: int = 3 * _CALLS_SET_UP_AT_ONCE
+
+
+class ClaimCapReached(Exception):
+    """No room for one more unclaimed socket of this peer; ``cap`` names the cap hit."""
+
+    def __init__(self, cap: str, limit: int) -> None:
+        super().__init__(f"{cap} cap of {limit} unclaimed sockets reached")
+        self.cap = cap
+        self.limit = limit
+
+
 T = TypeVar("T")
 
 
 @dataclass
-class _HandedOut(Generic[T]):
+class HandedOut(Generic[T]):
+    """One unclaimed socket: ``claimed`` fires when a CID takes it."""
+
     item: T
-    peer: tuple[int, int, int]
+    peer: tuple[int, int, int]  # SO_PEERCRED: pid, uid, gid
     claimed: trio.Event = field(default_factory=trio.Event)
+    #: Whoever watches the socket until the claim does so in this scope; the
+    #: claim cancels it at once, before the request's task reads the socket.
+    watch: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
 @final
 class ClaimTable(Generic[T]):
     """Sockets accepted on the fdpass socket, by fd number, until a CID claims them."""
 
-    def __init__(self, limit: int = MAX_UNCLAIMED) -> None:
-        self._limit = limit
-        self._entries: dict[int, _HandedOut[T]] = {}
+    def __init__(self, caps: ClaimCaps | None = None) -> None:
+        self.caps = caps or ClaimCaps()
+        self._entries: dict[int, HandedOut[T]] = {}
+        self._per_pid: Counter[int] = Counter()
+        self._per_uid: Counter[int] = Counter()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def add(self, fd: int, item: T, peer: tuple[int, int, int]) -> trio.Event | None:
-        """Register a handed-out socket; the event fires when it is claimed.
+    def add(self, fd: int, item: T, peer: tuple[int, int, int]) -> HandedOut[T]:
+        """Register a handed-out socket.
 
-        ``None`` if the table is full (the caller closes the socket).
+        Raises :class:`ClaimCapReached` if its peer (or everyone) holds too many
+        (the caller closes the socket). The caps are checked from the narrowest,
+        so the log names the process that hit its own cap rather than the total.
         """
-        if len(self._entries) >= self._limit:
-            return None
-        entry = self._entries[fd] = _HandedOut(item, peer)
-        return entry.claimed
+        pid, uid, _ = peer
+        for cap, held, limit in (("per-process", self._per_pid[pid], self.caps.per_process),
+                                 ("per-user", self._per_uid[uid], self.caps.per_user),
+                                 ("total", len(self._entries), self.caps.total)):
+            if held >= limit:
+                raise ClaimCapReached(cap, limit)
+        entry = self._entries[fd] = HandedOut(item, peer)
+        self._per_pid[pid] += 1
+        self._per_uid[uid] += 1
+        return entry
 
     def discard(self, fd: int, item: T) -> bool:
         """Drop ``item`` if it is still unclaimed; ``True`` if it was (the caller closes it)."""
         entry = self._entries.get(fd)
         if entry is None or entry.item is not item:
             return False
-        del self._entries[fd]
+        self._remove(fd)
         return True
 
     def claim(self, cid: bytes) -> tuple[T, T, T]:
@@ -182,15 +244,27 @@ class ClaimTable(Generic[T]):
         if missing:
             raise ClaimRefused(
                 f"fd {missing[0]} is not an unclaimed fdpass socket of this agent "
-                "(never handed out, already claimed, or expired)"
+                "(never handed out, already claimed, closed by its client, or expired)"
             )
         entries = [self._entries[fd] for fd in fds]
         if len({entry.peer[:2] for entry in entries}) != 1:
             raise ClaimRefused("the three sockets were connected by different processes")
         for fd, entry in zip(fds, entries, strict=True):
-            del self._entries[fd]
+            self._remove(fd)
+            entry.watch.cancel()
             entry.claimed.set()
         return entries[0].item, entries[1].item, entries[2].item
+
+    def _remove(self, fd: int) -> None:
+        pid, uid, _ = self._entries.pop(fd).peer
+        for counts, key in ((self._per_pid, pid), (self._per_uid, uid)):
+            counts[key] -= 1
+            if not counts[key]:
+                del counts[key]
+
+
+#: How the wait of an unclaimed socket ended.
+_WaitEnd: TypeAlias = Literal["claimed", "closed", "expired"]
 
 
 # -- one R2 client's three sockets ------------------------------------------------
@@ -265,8 +339,81 @@ async def _drain(stream: trio.abc.ReceiveStream, what: str) -> None:
 
 @dataclass
 class _Pending:
+    #: The request's own ident (what its client knows it by).
+    ident: bytes
     answered: trio.Event = field(default_factory=trio.Event)
     answer: ServiceConnect | None = None
+    #: Its requester stopped waiting while dom0 may still hold it.
+    abandoned: bool = False
+
+
+@final
+class DomRequests:
+    """Requests sent to dom0, by the ident dom0 knows them by, while dom0 may hold them.
+
+    dom0's daemon refuses a request whose ident it still tracks. An ident is
+    leased from sending until dom0 answers it (connect or refusal), even after
+    its requester gave up, or until the control link is lost (a new daemon
+    knows nothing of the old requests). A request whose own ident is leased
+    is sent under a derived one: the ident, a dot and a generation number
+    (``SOCKET13.2``, ``7 8 9.3``), cut to fit the 31-byte limit. Own idents
+    have no dot, so a derived one never meets them.
+    """
+
+    def __init__(self) -> None:
+        self._leases: dict[bytes, _Pending] = {}
+
+    def __len__(self) -> int:
+        return len(self._leases)
+
+    def __contains__(self, wire: bytes) -> bool:
+        return wire in self._leases
+
+    def lease(self, ident: bytes) -> tuple[bytes, _Pending]:
+        """The ident to send to dom0 for request ``ident``, leased; and its wait."""
+        wire = self._free_form_of(ident)
+        pending = self._leases[wire] = _Pending(ident)
+        return wire, pending
+
+    def _free_form_of(self, ident: bytes) -> bytes:
+        if ident not in self._leases:
+            return ident
+        for generation in itertools.count(2):
+            suffix = b".%d" % generation
+            wire = ident[:IDENT_SIZE - 1 - len(suffix)] + suffix
+            if wire not in self._leases:
+                return wire
+        raise AssertionError("unreachable")
+
+    def answer(self, wire: bytes, answer: ServiceConnect | None, what: str) -> None:
+        """dom0 answered ``wire``: wake its requester, or end the lease if it gave up."""
+        pending = self._leases.get(wire)
+        if pending is None or pending.answered.is_set():
+            log.warning(f"{what} for no pending request; ignored", request=wire.decode())
+        elif pending.abandoned:
+            del self._leases[wire]
+            log.warning(f"{what} came after its requester gave up; ignored",
+                        request=wire.decode())
+        else:
+            pending.answer = answer
+            pending.answered.set()
+
+    def done(self, wire: bytes, *, at_dom0: bool) -> None:
+        """The requester stops waiting; the lease stays while dom0 may hold the request."""
+        pending = self._leases[wire]
+        if pending.answered.is_set() or not at_dom0:
+            del self._leases[wire]
+        else:
+            pending.abandoned = True
+
+    def control_lost(self) -> None:
+        """dom0's daemon went away: its requests are refused, every lease ends."""
+        for wire, pending in list(self._leases.items()):
+            if pending.abandoned:
+                del self._leases[wire]
+            elif not pending.answered.is_set():
+                log.warning("control link lost; request refused", request=wire.decode())
+                pending.answered.set()
 
 
 @final
@@ -286,31 +433,22 @@ class VmRequests:
         self.timeouts = timeouts
         #: This VM's own calls are connections of the agent, beside its services.
         self.registry = registry
-        self._requests: dict[bytes, _Pending] = {}
+        self._requests = DomRequests()
         self._unclaimed: ClaimTable[trio.SocketStream] = ClaimTable()
+        #: The FIFO and the nursery its requests run in, while serving.
+        self._fifo: tuple[int, trio.Nursery] | None = None
 
     # -- answers from dom0 (called by the agent's control loop) ----------------
 
     def connect(self, connect: ServiceConnect) -> None:
-        self._answer(connect.request_id, connect, "SERVICE_CONNECT")
+        self._requests.answer(connect.request_id, connect, "SERVICE_CONNECT")
 
     def refuse(self, ident: bytes) -> None:
-        self._answer(ident, None, "SERVICE_REFUSED")
-
-    def _answer(self, ident: bytes, answer: ServiceConnect | None, what: str) -> None:
-        pending = self._requests.get(ident)
-        if pending is None or pending.answered.is_set():
-            log.warning(f"{what} for no pending request; ignored", request=ident.decode())
-            return
-        pending.answer = answer
-        pending.answered.set()
+        self._requests.answer(ident, None, "SERVICE_REFUSED")
 
     def control_lost(self) -> None:
         """dom0's daemon went away: the requests it had are lost with it."""
-        for ident, pending in self._requests.items():
-            if not pending.answered.is_set():
-                log.warning("control link lost; request refused", request=ident.decode())
-                pending.answered.set()
+        self._requests.control_lost()
 
     # -- serving ----------------------------------------------------------------
 
@@ -335,18 +473,19 @@ class VmRequests:
 
     async def _ask_dom0(self, request: TriggerService) -> ServiceConnect | None:
         """Forward a validated request; dom0's MSG_SERVICE_CONNECT, or ``None`` if refused."""
-        ident = request.request_id
         trigger = self._trigger_for_dom0(request)
         if trigger is None:
             return None
-        if ident in self._requests:
-            # Live idents name open fds, so this is a bug, not an attack; but
-            # two requests must never share one answer.
-            log.error("request refused: its ident is already pending")
-            return None
-        pending = self._requests[ident] = _Pending()
+        wire, pending = self._requests.lease(request.request_id)
+        # Unless the send says it failed: a send cut short by cancellation may have gone out.
+        at_dom0 = True
         try:
-            if not await self.control.send_control(trigger):
+            if wire != request.request_id:
+                log.info("request id still held by dom0; sending a derived one",
+                         dom0_request=wire.decode())
+            if not await self.control.send_control(
+                    dataclasses.replace(trigger, request_id=wire)):
+                at_dom0 = False
                 log.warning("request refused: dom0 is not connected")
                 return None
             log.info("request forwarded")
@@ -359,7 +498,7 @@ class VmRequests:
                 log.info("request refused by dom0")
             return pending.answer
         finally:
-            del self._requests[ident]
+            self._requests.done(wire, at_dom0=at_dom0)
 
     def _trigger_for_dom0(self, request: TriggerService) -> TriggerService | None:
         """The trigger message the connected daemon understands (TRIGGER4, 3 or 2)."""
@@ -467,38 +606,73 @@ class VmRequests:
 
     async def _hold_unclaimed(self, stream: trio.SocketStream) -> None:
         fd = stream.socket.fileno()
-        peer = _peer_credentials(stream.socket)
-        # Registered before the number leaves: the claim can never outrun the entry.
-        claimed = self._unclaimed.add(fd, stream, peer)
-        if claimed is None:
+        pid, uid, _ = peer = _peer_credentials(stream.socket)
+        try:
+            # Registered before the number leaves: the claim can never outrun the entry.
+            entry = self._unclaimed.add(fd, stream, peer)
+        except ClaimCapReached as exc:
             log.warning("too many unclaimed fdpass sockets; connection closed",
-                        limit=MAX_UNCLAIMED, pid=peer[0], uid=peer[1])
+                        cap=exc.cap, limit=exc.limit, pid=pid, uid=uid)
             await trio.aclose_forcefully(stream)
             return
+        ended: _WaitEnd = "expired"
         try:
             with trio.fail_after(self.timeouts.handshake):
                 await stream.send_all(FD_NUMBER.pack(fd))
-            log.debug("fdpass socket handed out", fd=fd, pid=peer[0], uid=peer[1])
-            with trio.move_on_after(self.timeouts.cid_claim):
-                await claimed.wait()
+            log.debug("fdpass socket handed out", fd=fd, pid=pid, uid=uid)
+            ended = await self._until_claimed(stream.socket, entry)
         except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.info("fdpass client went away", fd=fd, error=str(exc) or type(exc).__name__)
         finally:
             if self._unclaimed.discard(fd, stream):
-                log.info("fdpass socket closed unclaimed", fd=fd, pid=peer[0],
-                         waited=self.timeouts.cid_claim)
+                if ended == "closed":
+                    # At debug level: a caller may open and close sockets at will.
+                    log.debug("fdpass socket released: its client closed it", fd=fd, pid=pid)
+                else:
+                    log.info("fdpass socket closed unclaimed", fd=fd, pid=pid,
+                             waited=self.timeouts.cid_claim)
                 await trio.aclose_forcefully(stream)
+
+    async def _until_claimed(self, sock: trio.socket.SocketType,
+                             entry: HandedOut[trio.SocketStream]) -> _WaitEnd:
+        """Wait for the claim: ``"claimed"``, or ``"closed"`` if the client closed the
+        socket first, or ``"expired"`` after ``timeouts.cid_claim``."""
+        with trio.move_on_after(self.timeouts.cid_claim):
+            with entry.watch:  # the claim cancels it: the socket is the request's then
+                if await _closed_by_peer(sock):
+                    # A client closes a socket only once it wrote its record (it needs
+                    # all three numbers first): that record is in the FIFO by now.
+                    self._take_waiting_records(_RECORDS_IN_A_FULL_FIFO)
+                    if not entry.claimed.is_set():
+                        return "closed"
+            await entry.claimed.wait()
+            return "claimed"
+        return "expired"
 
     # -- the R2 path: the trigger FIFO ---------------------------------------------
 
     async def _read_fifo(self, fd: int, nursery: trio.Nursery) -> None:
         # We hold a write end of our own, so reads never see end-of-file.
-        while True:
-            await trio.lowlevel.wait_readable(fd)
+        self._fifo = fd, nursery
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(fd)
+                self._take_waiting_records(_RECORDS_PER_WAKE)
+        finally:
+            self._fifo = None
+
+    def _take_waiting_records(self, limit: int) -> None:
+        """The records the FIFO holds now (at most ``limit``), without waiting."""
+        if self._fifo is None:
+            return
+        fd, nursery = self._fifo
+        for _ in range(limit):
             try:
                 raw = os.read(fd, FIFO_RECORD_SIZE)
             except BlockingIOError:
-                continue
+                return
+            if not raw:  # cannot happen while we hold a writer; never spin on it
+                return
             self._take_record(raw, nursery)
 
     def _take_record(self, raw: bytes, nursery: trio.Nursery) -> None:
@@ -611,6 +785,28 @@ class VmRequests:
 
 
 # -- sockets and the FIFO on disk ------------------------------------------------
+
+
+async def _closed_by_peer(sock: trio.socket.SocketType) -> bool:
+    """Wait until the client writes to or closes an unclaimed socket; ``True`` if it
+    closed it with nothing left unread.
+
+    Nothing is consumed: the program may write its output before the record is
+    read. Data, or a half-close (a caller whose input ended at once shuts its
+    side of socket 1 down), mean the client is alive; then there is nothing
+    more to learn here (the socket stays readable), so the caller stops
+    watching rather than spin.
+    """
+    await trio.lowlevel.wait_readable(sock)
+    try:
+        if await sock.recv(1, socket.MSG_PEEK):  # readable: this returns at once
+            return False
+    except OSError:  # ECONNRESET: closed before it read its number
+        return True
+    # End of file: a full close only if the peer's side is gone both ways.
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return any(mask & (select.POLLHUP | select.POLLERR) for _, mask in poller.poll(0))
 
 
 def _peer_credentials(sock: trio.socket.SocketType) -> tuple[int, int, int]:

@@ -66,7 +66,7 @@ import trio
 from .._config import Timeouts
 from .._errors import QrexecError
 from .._logging import get_logger
-from .._sockets import has_kind
+from .._sockets import connect_unix, connect_unix_blocking, has_kind
 from ..nursery import (
     CallerEnd,
     FramedLink,
@@ -184,13 +184,12 @@ def _agent_missing(path: str, exc: OSError) -> ClientVmError:
 
 def _fdpass_socket(path: str, timeout: float) -> tuple[socket.socket, int]:
     """One connection to the fdpass socket and the agent's number for it."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock = connect_unix_blocking(path, timeout=timeout)
+    except OSError as exc:
+        raise _agent_missing(path, exc) from exc
     try:
         sock.settimeout(timeout)
-        try:
-            sock.connect(path)
-        except OSError as exc:
-            raise _agent_missing(path, exc) from exc
         number = b""
         while len(number) < FD_NUMBER.size:
             chunk = sock.recv(FD_NUMBER.size - len(number))
@@ -479,7 +478,7 @@ async def _ask_agent(
 ) -> tuple[trio.SocketStream, int, int]:
     """Send the trigger; returns the open socket and where to serve the data vchan."""
     try:
-        stream = await trio.open_unix_socket(agent_socket)
+        stream = await connect_unix(agent_socket, timeout=timeouts.handshake)
     except OSError as exc:
         raise _agent_missing(agent_socket, exc) from exc
     try:

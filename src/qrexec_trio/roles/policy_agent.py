@@ -66,6 +66,7 @@ from .._config import Timeouts
 from .._errors import QrexecError
 from .._logging import get_logger
 from .._programs import program
+from .._sockets import connect_unix
 from ..nursery import child_process, exit_status
 from ..policy import (
     ASK_SERVICE,
@@ -275,7 +276,7 @@ class PolicyAgentCaller:
                                    cwd=plan.cwd, executable=plan.executable)
         try:
             if isinstance(plan, SocketPlan):
-                stream = await trio.open_unix_socket(plan.path)
+                stream = await connect_unix(plan.path, timeout=self.timeouts.handshake)
             else:
                 stream = await trio.open_tcp_stream(plan.host, plan.port)
         except OSError as exc:

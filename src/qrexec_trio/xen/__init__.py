@@ -10,6 +10,7 @@ from ._interface import VchanBackend as VchanBackend
 from ._interface import VchanConnectTimeout as VchanConnectTimeout
 from ._interface import VchanError as VchanError
 from ._interface import VchanListener as VchanListener
+from ._interface import VchanWithdrawn as VchanWithdrawn
 from ._local import socket_name as socket_name
 from ._registry import available_backends as available_backends
 from ._registry import get_backend as get_backend

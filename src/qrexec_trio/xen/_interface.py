@@ -34,6 +34,14 @@ class VchanConnectTimeout(VchanError, TimeoutError):
     """The other side did not show up in time."""
 
 
+class VchanWithdrawn(VchanError):
+    """The server withdrew its offer, or died, before the client connected.
+
+    Raised at once, not at the end of the connect timeout: the vchan will not
+    be served. The local backends tell it; libxenvchan cannot.
+    """
+
+
 class Vchan(trio.abc.Stream):
     """One connected vchan."""
 
@@ -93,7 +101,9 @@ class VchanBackend(abc.ABC):
         """Connect to the vchan ``peer_domain`` offers on ``port``.
 
         Waits for the offer to appear, at most ``timeout`` seconds (0 = forever);
-        raises :class:`VchanConnectTimeout` on timeout.
+        raises :class:`VchanConnectTimeout` on timeout, and
+        :class:`VchanWithdrawn` at once where the backend can tell that the
+        server gave up or died.
         """
 
     async def serve_one(

@@ -11,10 +11,12 @@ trio allows one waiter per fd, and a vchan has a single fd for everything
 (data written, space freed, peer closed). So waiting is *pumped*: whichever
 reader or writer needs to wait takes the pump lock, waits on the fd, calls
 ``wait()`` and wakes every other waiter, which then re-check their own
-condition. The pump is therefore always a task of the connection that owns
-the vchan, never a detached one, and there is never a second waiter on the
-fd. Each check arms the notification *before* the wait, so a wake-up cannot
-be lost between the check and the wait (libxenvchan's own rule).
+condition. A pump that stops waiting for any other reason (cancelled, or an
+error) wakes them too, so that one of them takes the pump over. The pump is
+therefore always a task of the connection that owns the vchan, never a
+detached one, and there is never a second waiter on the fd. Each check arms
+the notification *before* the wait, so a wake-up cannot be lost between the
+check and the wait (libxenvchan's own rule).
 """
 
 from __future__ import annotations
@@ -88,18 +90,26 @@ class RingVchan(Vchan):
     async def _wait_for_event(self) -> None:
         """Sleep until the peer signals (and let the others re-check too)."""
         if self._pump.locked():
-            # Someone is already waiting on the fd: it wakes us when it fires.
+            # Someone is already waiting on the fd: it wakes us when it fires,
+            # or when it stops waiting for any other reason. Either way we
+            # return to our caller's loop, which re-checks and, if it still has
+            # to wait, takes the pump itself.
             await self._changed.park()
             return
         async with self._pump:
             try:
-                await trio.lowlevel.wait_readable(self._fd)
-            except trio.ClosedResourceError:
+                try:
+                    await trio.lowlevel.wait_readable(self._fd)
+                except trio.ClosedResourceError:
+                    if not self._closed:
+                        raise
                 if not self._closed:
-                    raise
-            if not self._closed:
-                self._driver.wait()
-            self._changed.unpark_all()
+                    self._driver.wait()
+            finally:
+                # However we leave (event, cancellation, error), the parked
+                # tasks must hear of it: with the pump gone, nobody else would
+                # wake them when the peer signals.
+                self._changed.unpark_all()
 
     async def wait_connected(self, timeout: float) -> None:
         """Server side: wait until the client has connected (``is_open`` leaves 2)."""

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Final, final
 import trio
 
 from ._interface import Vchan, VchanConnectTimeout, VchanError, VchanListener
-from ._local import LocalBackend, claim_socket_path, poll_until_offered
+from ._local import LocalBackend, Offer, Rendezvous, poll_until_offered
 from ._ring import RingVchan
 from ._shm_cffi import ffi, lib
 
@@ -213,14 +213,12 @@ class ShmVchanListener(VchanListener):
                  *, send_finish: float) -> None:
         self.peer_domain = peer_domain
         self.port = port
-        self._path = path
         self._send_finish = send_finish
         left, right = ring_order(read_min), ring_order(write_min)
         self._hello = HELLO.pack(HELLO_MAGIC, lib.SHM_VERSION, left, right,
                                  region_size(left, right))
         owned: list[int] = []
         driver: ShmDriver | None = None
-        raw: socket.socket | None = None
         try:
             memfd = os.memfd_create("qrexec-vchan", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             owned.append(memfd)
@@ -234,15 +232,9 @@ class ShmVchanListener(VchanListener):
             driver = ShmDriver.server(memfd, own, peer, left, right)
             owned.remove(own)  # the driver's now
             owned.remove(peer)
-            # Bind synchronously, so the offer is there before listen() returns.
-            raw = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            claim_socket_path(path)
-            raw.bind(path)
-            raw.listen(_BACKLOG)
-            st = os.lstat(path)
+            # In place before listen() returns, so that a client can never miss it.
+            offer = Offer(path, socket.SOCK_SEQPACKET, backlog=_BACKLOG, port=port)
         except BaseException as exc:
-            if raw is not None:
-                raw.close()
             if driver is not None:
                 driver.close()
             _close_all(owned)
@@ -252,26 +244,17 @@ class ShmVchanListener(VchanListener):
         self._memfd = memfd
         self._efds = (own, peer)
         self._driver: ShmDriver | None = driver
-        self._bound = (st.st_dev, st.st_ino)
-        self._sock: trio.socket.SocketType | None = trio.socket.from_stdlib_socket(raw)
+        self._offer: Offer | None = offer
 
     async def accept(self, timeout: float) -> Vchan:
-        if self._sock is None or self._driver is None:
+        offer = self._offer
+        if offer is None or self._driver is None:
             raise trio.ClosedResourceError("vchan listener is closed")
-        listening, self._sock = self._sock, None
         driver, self._driver = self._driver, None
         vchan: RingVchan | None = None
         try:
             with trio.fail_after(timeout or float("inf")):
-                try:
-                    conn, _ = await listening.accept()
-                except OSError as exc:  # out of fds, most likely
-                    raise VchanError(
-                        f"cannot accept vchan port {self.port}: {exc.strerror or exc}"
-                    ) from exc
-                finally:
-                    # One client per vchan: withdraw the name as soon as we have it.
-                    self._withdraw(listening)
+                conn = await self._accept_one(offer)
                 with conn:
                     await self._send_hello(conn)
                     fd = conn.detach()
@@ -312,15 +295,19 @@ class ShmVchanListener(VchanListener):
                 f"({exc.strerror or exc})"
             ) from exc
 
-    def _withdraw(self, listening: trio.socket.SocketType) -> None:
-        listening.close()
+    async def _accept_one(self, offer: Offer) -> trio.socket.SocketType:
+        conn: trio.socket.SocketType | None = None
         try:
-            st = os.lstat(self._path)
-        except FileNotFoundError:
-            return
-        # Only our own socket: another listener may have replaced it since.
-        if (st.st_dev, st.st_ino) == self._bound:
-            os.unlink(self._path)
+            conn, _ = await offer.socket.accept()
+        except OSError as exc:  # out of fds, most likely
+            raise VchanError(
+                f"cannot accept vchan port {self.port}: {exc.strerror or exc}"
+            ) from exc
+        finally:
+            # One client per vchan: withdraw the name as soon as we have it (or gave up).
+            self._offer = None
+            offer.withdraw(served=conn is not None)
+        return conn
 
     def _release_memfd(self) -> None:
         if self._memfd >= 0:
@@ -328,9 +315,9 @@ class ShmVchanListener(VchanListener):
             self._memfd = -1
 
     async def aclose(self) -> None:
-        if self._sock is not None:
-            self._withdraw(self._sock)
-            self._sock = None
+        if self._offer is not None:
+            self._offer.withdraw(served=False)
+            self._offer = None
         if self._driver is not None:
             self._driver.close()
             self._driver = None
@@ -439,6 +426,7 @@ class ShmBackend(LocalBackend):
 
     async def connect(self, peer_domain: int, port: int, *, timeout: float) -> Vchan:
         path = self.client_path(peer_domain, port)
+        rendezvous = Rendezvous(path, port)
 
         async def attempt() -> Vchan | None:
             try:
@@ -446,7 +434,7 @@ class ShmBackend(LocalBackend):
             except OSError as exc:
                 raise VchanError(f"cannot connect vchan {path}: {exc}") from exc
             try:
-                await sock.connect(path)
+                connected = await rendezvous.connect(sock)
             except OSError as exc:
                 sock.close()
                 if exc.errno == errno.EPROTOTYPE:
@@ -454,12 +442,13 @@ class ShmBackend(LocalBackend):
                         f"{path} is not a shm vchan: not a packet socket "
                         "(is the peer on another vchan backend?)"
                     ) from None
-                if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED):
-                    raise VchanError(f"cannot connect vchan {path}: {exc}") from exc
-                return None  # not offered yet
+                raise VchanError(f"cannot connect vchan {path}: {exc}") from exc
             except BaseException:
                 sock.close()
                 raise
+            if not connected:
+                sock.close()
+                return None
             return await _handshake(sock, path, peer_domain, port, self._send_finish)
 
         return await poll_until_offered(attempt, timeout=timeout,

@@ -12,15 +12,13 @@ cffi backends.
 
 from __future__ import annotations
 
-import errno
 import socket
 from typing import Final, final
 
 import trio
 
-from .._sockets import remove_stale
 from ._interface import Vchan, VchanConnectTimeout, VchanError, VchanListener
-from ._local import LocalBackend, claim_socket_path, poll_until_offered
+from ._local import LocalBackend, Offer, Rendezvous, poll_until_offered
 
 # What buffer_space() reports: the chunk limit of the protocol, since a
 # socket has no ring whose free space we could read.
@@ -114,26 +112,19 @@ class SocketVchanListener(VchanListener):
     def __init__(self, path: str, peer_domain: int, port: int, send_finish: float) -> None:
         self.peer_domain = peer_domain
         self.port = port
-        self._path = path
         self._send_finish = send_finish
-        # Bind synchronously (a unix path needs no resolution), so the offer is
-        # in place before listen() returns and a client can never miss it.
-        claim_socket_path(path)
-        raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            raw.bind(path)
-            raw.listen(1)
-        except OSError as exc:
-            raw.close()
-            raise VchanError(f"cannot offer vchan at {path}: {exc.strerror}") from exc
-        self._sock: trio.socket.SocketType | None = trio.socket.from_stdlib_socket(raw)
+        # In place before listen() returns (a unix path needs no resolution),
+        # so that a client can never miss it.
+        self._offer: Offer | None = Offer(path, socket.SOCK_STREAM, backlog=1, port=port)
 
     async def accept(self, timeout: float) -> Vchan:
-        if self._sock is None:
+        offer = self._offer
+        if offer is None:
             raise trio.ClosedResourceError("vchan listener is closed")
+        conn: trio.socket.SocketType | None = None
         try:
             with trio.fail_after(timeout or float("inf")):
-                conn, _ = await self._sock.accept()
+                conn, _ = await offer.socket.accept()
         except trio.TooSlowError:
             raise VchanConnectTimeout(
                 f"domain {self.peer_domain} did not connect to vchan port {self.port} "
@@ -141,18 +132,15 @@ class SocketVchanListener(VchanListener):
             ) from None
         finally:
             # One client per vchan: withdraw the name as soon as we have it (or gave up).
-            await self.aclose()
+            self._offer = None
+            offer.withdraw(served=conn is not None)
         return SocketVchan(conn, self.peer_domain, self.port, self._send_finish)
 
     async def aclose(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-            # Withdraw our offer; the directory is shared: only a socket goes.
-            remove_stale(self._path)
+        if self._offer is not None:
+            self._offer.withdraw(served=False)
+            self._offer = None
         await trio.lowlevel.checkpoint()
-
-
 
 
 @final
@@ -167,19 +155,21 @@ class SocketBackend(LocalBackend):
 
     async def connect(self, peer_domain: int, port: int, *, timeout: float) -> Vchan:
         path = self.client_path(peer_domain, port)
+        rendezvous = Rendezvous(path, port)
 
         async def attempt() -> Vchan | None:
             sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                await sock.connect(path)
+                connected = await rendezvous.connect(sock)
             except OSError as exc:
                 sock.close()
-                if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED):
-                    raise VchanError(f"cannot connect vchan {path}: {exc}") from exc
-                return None  # not offered yet
+                raise VchanError(f"cannot connect vchan {path}: {exc}") from exc
             except BaseException:
                 sock.close()
                 raise
+            if not connected:
+                sock.close()
+                return None
             return SocketVchan(sock, peer_domain, port, self._send_finish)
 
         return await poll_until_offered(attempt, timeout=timeout,
