@@ -100,8 +100,9 @@ DEFAULT_MAX_CALLS: Final = 512
 TOO_MANY_CALLS: Final = "request refused: too many calls from this VM at once (--max-calls)"
 #: VM-to-VM calls of one VM being connected at once; the others wait their
 #: turn (see ``Connector``). Measured on two cores with 1000 calls at once
-#: from four VMs (tests/e2e/test_concurrency.py): at 16 the legs' HELLOs are
-#: about 2 s apart at worst, against a 10 s bound; at 64 up to 7 s.
+#: from four VMs (tests/e2e/test_concurrency.py), with other work taking
+#: most of the CPU: at 16 the legs' HELLOs were at most about 4 s apart,
+#: against a 10 s bound; at 64 up to 7 s. More does not connect faster.
 DEFAULT_MAX_CONNECTING: Final = 16
 
 #: What one attempt to connect the agent can end with, short of our own bug:
