@@ -4,6 +4,7 @@ it yields means what it says."""
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import stat
@@ -82,6 +83,13 @@ def test_demo_world_loads_with_the_vms_the_demo_relies_on() -> None:
     }
     assert config.user == pwd.getpwuid(os.geteuid()).pw_name
     assert all(vm.default_user == config.user for vm in config.vms)
+
+
+def test_a_world_is_private_unless_its_config_names_a_group(tmp_path: Path) -> None:
+    assert load_world_config(_world(tmp_path, "[vm.a]\n")).group is None
+    group = grp.getgrgid(os.getegid()).gr_name
+    config = load_world_config(_world(tmp_path, f"[world]\ngroup = '{group}'\n[vm.a]\n"))
+    assert config.group == group
 
 
 def test_demo_services_are_installed_as_written() -> None:
@@ -353,6 +361,10 @@ def test_duplicate_domid_is_reported_at_the_second_vm(tmp_path: Path) -> None:
             ("TemplateVM",),
         ),
         ("[vm.a]\n[world]\nuser = 'no-such-user-qt'\n", "user", ("no such user",)),
+        ("[vm.a]\n[world]\ngroup = 'no-such-group-qt'\n", "group",
+         ("world.group: no such group 'no-such-group-qt'",)),
+        ("[world]\ngroup = 'bad group'\n[vm.a]\n", "group", ("invalid group name",)),
+        ("[world]\ngroup = 0\n[vm.a]\n", "group", ("world.group must be a string",)),
         ("[vm.a]\ndefault_user = 'bad user'\n", "default_user", ("invalid user name",)),
         ("vm = 3\n", "vm = 3", ("must be a table",)),
         ("[vm]\na = 3\n", "a = 3", ("vm.a must be a table",)),

@@ -69,8 +69,12 @@ def world_main(argv: Sequence[str] | None = None) -> int:
         print(f"qrexec-trio world: {exc}", file=sys.stderr)
         return 1
     log_options = ("--log-level", args.log_level, "--log-format", args.log_format)
-    world = World(config, args.dir.resolve(), timeouts=Timeouts.from_env(),
-                  log_options=log_options)
+    try:
+        world = World(config, args.dir.resolve(), timeouts=Timeouts.from_env(),
+                      log_options=log_options)
+    except WorldError as exc:
+        print(f"qrexec-trio world: {exc}", file=sys.stderr)
+        return 1
 
     async def run() -> int:
         async with trio.open_nursery() as nursery:
@@ -93,8 +97,12 @@ def _state(world_dir: Path) -> dict[str, object]:
     return layout.read_state()
 
 
-def _exec(argv: list[str], env: dict[str, str]) -> NoReturn:
+def _exec(argv: list[str], env: dict[str, str], state: dict[str, object]) -> NoReturn:
     """Become the client: its stdio, exit status and signals are the user's."""
+    if state.get("group") is not None:
+        # The client offers its data vchan as a file in the world's vchan
+        # directory, which the world's programs (the group's) must connect to.
+        os.umask(os.umask(0) & ~0o070)
     sys.stdout.flush()
     os.execve(argv[0], argv, env)
 
@@ -126,7 +134,7 @@ def call_main(argv: Sequence[str] | None = None) -> int:
                VCHAN_SOCKET_DIR=str(state["vchan_dir"]), QREXEC_VCHAN=str(state["vchan"]))
     agent_socket = os.path.join(vm["runtime_dir"], "qrexec-agent")
     return _exec([program("qrexec-client-vm"), "--agent-socket", agent_socket, args.target,
-                  args.service, *args.prog], env)
+                  args.service, *args.prog], env, state)
 
 
 def run_main(argv: Sequence[str] | None = None) -> int:
@@ -144,7 +152,7 @@ def run_main(argv: Sequence[str] | None = None) -> int:
                QREXEC_VCHAN=str(state["vchan"]))
     options = ["-e"] if args.just_exec else []
     return _exec([program("qrexec-client"), "--socket-dir", str(state["socket_dir"]), *options,
-                  "-d", args.vm, f"{args.user}:{args.command}"], env)
+                  "-d", args.vm, f"{args.user}:{args.command}"], env, state)
 
 
 def _against_world(parser: argparse.ArgumentParser, argv: Sequence[str] | None,

@@ -10,6 +10,10 @@ keys are errors, so a typo never silently means a default)::
 
     [world]
     user = "alice"              # the VMs' default user; default: whoever runs the world
+    group = "qrexec"            # an existing group whose members may use the world (run
+                                # commands in its VMs as its VMs' users): its directory
+                                # becomes 0750 and that group's. Default: the world is
+                                # private to whoever runs it (0700)
 
     [dom0.services]             # services of dom0 itself, in the forms shown below
     "my.Echo" = "exec cat"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import getpass
+import grp
 import os
 import pwd
 import re
@@ -36,7 +37,7 @@ __all__ = [
 ]
 
 _TOP_KEYS: Final = frozenset({"world", "dom0", "vm", "policy"})
-_WORLD_KEYS: Final = frozenset({"user"})
+_WORLD_KEYS: Final = frozenset({"user", "group"})
 _DOM0_KEYS: Final = frozenset({"services"})
 _VM_KEYS: Final = frozenset({
     "domid", "type", "tags", "default_dispvm", "template_for_dispvms", "autostart",
@@ -47,6 +48,8 @@ _VM_KEYS: Final = frozenset({
 _DISPVM_NAME: Final = re.compile(r"disp[0-9]+")
 _TAG: Final = re.compile(r"[A-Za-z0-9_.-]{1,255}")
 _USER_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
+#: Group names follow the same rule as user names.
+_GROUP_NAME: Final = _USER_NAME
 _VM_TYPES: Final = ("AppVM", "StandaloneVM", "TemplateVM")
 _DEFAULT_VM_TYPE: Final = "AppVM"
 #: dom0 and DispVMs exist in every world but are never declared under [vm].
@@ -68,7 +71,9 @@ def load_world_config(path: str | os.PathLike[str]) -> WorldConfig:
     source = ConfigSource(path_text, TomlLines.of(text))
     root = _parse_toml(source, text)
     source.check_keys(root, (), _TOP_KEYS)
-    user = _world_user(source, root)
+    world = source.table(root, (), "world")
+    source.check_keys(world, ("world",), _WORLD_KEYS)
+    user = _world_user(source, world)
     vms = _parse_vms(source, root, user)
     dom0 = source.table(root, (), "dom0")
     source.check_keys(dom0, ("dom0",), _DOM0_KEYS)
@@ -77,6 +82,7 @@ def load_world_config(path: str | os.PathLike[str]) -> WorldConfig:
     return WorldConfig(
         path=path_text,
         user=user,
+        group=_world_group(source, world),
         vms=vms,
         dom0_services=dom0_services,
         policy_files=policy_files,
@@ -138,9 +144,7 @@ def _toml_error_position(source: ConfigSource, message: str) -> tuple[int, str]:
 # --- [world] ------------------------------------------------------------------------
 
 
-def _world_user(source: ConfigSource, root: Table) -> str:
-    world = source.table(root, (), "world")
-    source.check_keys(world, ("world",), _WORLD_KEYS)
+def _world_user(source: ConfigSource, world: Table) -> str:
     user = source.string(world, ("world",), "user")
     if user is None:
         return _current_user(source)
@@ -168,6 +172,21 @@ def _check_user(source: ConfigSource, where: KeyPath, user: str) -> None:
         pwd.getpwnam(user)
     except KeyError:
         raise source.error(where, f"{dotted(where)}: no such user {user!r}") from None
+
+
+def _world_group(source: ConfigSource, world: Table) -> str | None:
+    """``[world] group``: the group that may use the world besides its user."""
+    where = ("world", "group")
+    group = source.string(world, ("world",), "group")
+    if group is None:
+        return None
+    if _GROUP_NAME.fullmatch(group) is None:
+        raise source.error(where, f"{dotted(where)}: invalid group name {group!r}")
+    try:
+        grp.getgrnam(group)
+    except KeyError:
+        raise source.error(where, f"{dotted(where)}: no such group {group!r}") from None
+    return group
 
 
 # --- [vm.NAME] ----------------------------------------------------------------------

@@ -3,8 +3,10 @@
 Each VM is a ``qrexec-agent`` process with its own domain id, runtime dir and
 service dir, and dom0 runs one ``qrexec-daemon`` per VM; both are children of
 the world, in the VM's own cancel scope. Starting a VM starts both and
-returns once the daemon has its agent; killing it cancels the scope (the
-child-process scopes kill both process groups). A DispVM is a fresh VM with
+returns once the VM is callable by name; killing it cancels the scope (the
+child-process scopes kill both process groups). However a VM halts, the
+services its agent and daemon left running (one of them crashed, or was
+stuck and killed) are ended once both are gone. A DispVM is a fresh VM with
 a copy of its template's services, removed with its directories when killed.
 """
 
@@ -25,8 +27,9 @@ import trio
 from .._config import Timeouts
 from .._logging import get_logger
 from .._programs import program
+from .._sockets import has_kind
 from ..domains import Domain, DomainsError
-from ..nursery import child_process, one_error
+from ..nursery import GroupLedger, child_process, one_error
 from ._layout import WorldLayout
 
 log = get_logger(__name__)
@@ -55,6 +58,11 @@ class LocalVM:
     @property
     def domain(self) -> Domain:
         return dataclasses.replace(self.info, domid=self.domid if self.scope else None)
+
+    @property
+    def agent_socket(self) -> Path:
+        """The agent's trigger socket; its other runtime files go beside it."""
+        return self.runtime_dir / "qrexec-agent"
 
 
 class LocalDomains:
@@ -112,8 +120,9 @@ class LocalDomains:
             used = {vm.domid for vm in self._vms.values()}
             domid = next(i for i in itertools.count(FIRST_DISPVM_ID) if i not in used)
             root = self.layout.vm_dir(name)
+            self.layout.make_dir(root)
             await trio.to_thread.run_sync(shutil.copytree, base.services_dir, root / "rpc")
-            (root / "run").mkdir()
+            self.layout.make_dir(root / "run")
             info = Domain(name=name, type="DispVM", tags=base.info.tags,
                           default_user=base.info.default_user,
                           default_dispvm=base.info.default_dispvm)
@@ -167,11 +176,22 @@ class LocalDomains:
                    QREXEC_VCHAN=self.vchan, **extra)
         return env
 
+    def _daemon_alias(self, vm: LocalVM) -> Path:
+        """The link by which clients find ``vm``'s daemon (``qrexec.NAME``)."""
+        return self.layout.socket_dir / f"qrexec.{vm.name}"
+
+    def _ledgers(self, vm: LocalVM) -> tuple[Path, Path]:
+        """Where ``vm``'s agent and daemon write down the process groups of their
+        services: beside the agent socket (``PATH-groups``, as the agent's help
+        says), and in the daemon's socket dir."""
+        return (vm.agent_socket.with_name(f"{vm.agent_socket.name}-groups"),
+                self.layout.socket_dir / f"qrexec-daemon.{vm.domid}.groups")
+
     async def _run(self, vm: LocalVM, task_status: trio.TaskStatus[None]) -> None:
         """One VM's life: its agent and its daemon, until its scope is cancelled."""
         layout = self.layout
         agent_argv = [program("qrexec-agent"), "--runtime-dir", str(vm.runtime_dir),
-                      *self._log_options]
+                      "--agent-socket", str(vm.agent_socket), *self._log_options]
         daemon_argv = [
             program("qrexec-daemon"), "--direct", "--socket-dir", str(layout.socket_dir),
             "--policy-d", str(layout.policy_d), "--policy-dir", str(layout.r2_policy_dir),
@@ -183,6 +203,9 @@ class LocalDomains:
             str(vm.domid), vm.name, vm.info.default_user,
         ]
         try:
+            # A daemon killed in an earlier run of this VM left its link: only
+            # the link the new daemon makes may tell that the VM is up.
+            _remove_link(self._daemon_alias(vm))
             with trio.CancelScope() as scope:
                 vm.scope = scope
                 agent_env = self._env(vm.domid, QREXEC_SERVICE_PATH=str(vm.services_dir))
@@ -194,20 +217,60 @@ class LocalDomains:
                                   stdin=subprocess.DEVNULL, stdout=None, stderr=None) as daemon,
                     trio.open_nursery() as watch,
                 ):
-                    ready = layout.socket_dir / f"qrexec.{vm.domid}"
-                    while not ready.exists():
-                        if agent.returncode is not None or daemon.returncode is not None:
-                            raise DomainsError("QubesVMError", f"{vm.name} failed to start")
-                        await trio.sleep(0.02)
+                    await self._until_callable(vm, agent, daemon)
                     log.info("vm started", vm=vm.name, domid=vm.domid)
                     task_status.started()
                     # A VM whose agent or daemon dies is halted, as a crashed VM would be.
                     for proc, what in ((agent, "agent"), (daemon, "daemon")):
                         watch.start_soon(_halt_when_gone, proc, what, vm.name, scope)
         finally:
+            # Both are gone now (their scopes reaped them); what they could not
+            # end themselves goes before anyone may start the VM again.
+            self._end_leftovers(vm)
             vm.scope = None
             vm.stopped.set()
             log.info("vm stopped", vm=vm.name)
+
+    async def _until_callable(self, vm: LocalVM, agent: trio.Process,
+                              daemon: trio.Process) -> None:
+        """Wait until clients can call ``vm`` by name.
+
+        The daemon links ``qrexec.NAME`` to its socket once that listens, and
+        only once its agent is connected: the link (a stale one was removed
+        before the daemon started) naming a socket means the VM is callable.
+        """
+        alias = self._daemon_alias(vm)
+        while not (alias.is_symlink() and has_kind(str(alias), follow_symlinks=True)):
+            if agent.returncode is not None or daemon.returncode is not None:
+                raise DomainsError("QubesVMError", f"{vm.name} failed to start")
+            await trio.sleep(0.02)
+
+    def _end_leftovers(self, vm: LocalVM) -> None:
+        """End the services a dead agent or daemon of ``vm`` left running, and
+        its daemon's link; called once both programs are gone."""
+        _remove_link(self._daemon_alias(vm))
+        for path in self._ledgers(vm):
+            if not path.is_dir():
+                continue  # it never started, or it ended its services itself
+            try:
+                ledger = GroupLedger(str(path))
+                killed = ledger.reap_leftovers()
+                ledger.remove_if_empty()
+            except OSError as exc:
+                log.error("cannot end the services left running", vm=vm.name,
+                          ledger=str(path), error=str(exc))
+                continue
+            if killed:
+                log.warning("killed services left running", vm=vm.name, groups=killed)
+
+
+def _remove_link(path: Path) -> None:
+    """Remove ``path`` if it is a symbolic link; never anything else."""
+    try:
+        if path.is_symlink():
+            path.unlink()
+    except OSError as exc:
+        log.error("cannot remove a stale link", path=str(path), error=str(exc))
 
 
 async def _halt_when_gone(proc: trio.Process, what: str, name: str,

@@ -12,6 +12,7 @@ from the live domains), backed by :class:`LocalDomains`. Stopping the world
 from __future__ import annotations
 
 import functools
+import grp
 import json
 import os
 import shlex
@@ -64,9 +65,10 @@ def policy_agent_services(declared: tuple[ServiceSpec, ...]) -> tuple[ServiceSpe
     )
 
 
-def _claim(root: Path) -> None:
-    """Make ``root`` ours: refuse a live world there, clear a dead one."""
-    layout = WorldLayout(root)
+def _claim(layout: WorldLayout, group: str | None) -> None:
+    """Make the world's directory ours: refuse a live world there, clear a dead
+    one, and make it private (or ``group``'s)."""
+    root = layout.root
     if layout.state_file.exists():
         try:
             pid = int(layout.read_state()["pid"])
@@ -77,12 +79,44 @@ def _claim(root: Path) -> None:
             raise WorldError(f"a world is already running in {root} (pid {pid})")
     if root.exists():
         shutil.rmtree(root)
-    root.mkdir(parents=True, mode=0o755)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        layout.make_dir(root)
+    except PermissionError as exc:
+        if not root.exists():
+            raise  # not even made: reported as any other OSError
+        shutil.rmtree(root, ignore_errors=True)
+        raise WorldError(f"cannot give {root} to group {group!r}: {exc.strerror} (the "
+                         "world's user must be a member of its [world] group)") from None
+
+
+def _group_id(config: WorldConfig) -> int | None:
+    if config.group is None:
+        return None
+    try:
+        return grp.getgrnam(config.group).gr_gid
+    except KeyError:
+        raise WorldError(f"{config.path}: no such group {config.group!r}") from None
+
+
+def _warn_if_users_are_shut_out(config: WorldConfig) -> None:
+    """A world run by root runs services as their VMs' users; in a private
+    directory, those cannot read their own service files."""
+    if os.geteuid() != 0 or config.group is not None:
+        return
+    others = sorted({vm.default_user for vm in config.vms} - {"root"})
+    if others:
+        log.warning("services of these users cannot reach their files in the world's "
+                    "private directory: name a group of theirs in [world] group",
+                    users=others)
 
 
 def _lay_out(config: WorldConfig, layout: WorldLayout) -> list[LocalVM]:
-    for directory in (layout.vchan_dir, layout.socket_dir, layout.policy_d):
-        directory.mkdir(parents=True)
+    # Members of the world's group make their data vchans' offers in the
+    # vchan directory: they may write there.
+    layout.make_dir(layout.vchan_dir, writable=True)
+    layout.make_dir(layout.socket_dir)
+    layout.make_dir(layout.policy_d)
     for name, text in config.policy_files:
         (layout.policy_d / name).write_text(text)
     agent = config.policy_agent
@@ -90,14 +124,16 @@ def _lay_out(config: WorldConfig, layout: WorldLayout) -> list[LocalVM]:
     if agent == "dom0":
         dom0_services += policy_agent_services(dom0_services)
     _write_services(layout.dom0_services, dom0_services)
+    layout.make_dir(layout.vms_dir)
     vms = []
     for spec in config.vms:
         root = layout.vm_dir(spec.name)
+        layout.make_dir(root)
+        layout.make_dir(root / "run")
         services = spec.services
         if spec.name == agent:
             services += policy_agent_services(services)
         _write_services(root / "rpc", services)
-        (root / "run").mkdir(parents=True)
         info = Domain(name=spec.name, type=spec.type, tags=tuple(spec.tags),
                       default_user=spec.default_user, default_dispvm=spec.default_dispvm,
                       template_for_dispvms=spec.template_for_dispvms)
@@ -109,7 +145,7 @@ class World:
     def __init__(self, config: WorldConfig, root: Path, *, timeouts: Timeouts,
                  log_options: tuple[str, ...] = ()) -> None:
         self.config = config
-        self.layout = WorldLayout(root)
+        self.layout = WorldLayout(root, group_id=_group_id(config))
         self.timeouts = timeouts
         self.log_options = log_options
         #: The vchan backend of the world: $QREXEC_VCHAN, else the local default.
@@ -118,7 +154,8 @@ class World:
     async def run(self, task_status: trio.TaskStatus[LocalDomains] = trio.TASK_STATUS_IGNORED
                   ) -> None:
         """Bring the world up, report ``started``, serve until cancelled, then tear down."""
-        _claim(self.layout.root)
+        _claim(self.layout, self.config.group)
+        _warn_if_users_are_shut_out(self.config)
         try:
             vms = _lay_out(self.config, self.layout)
             async with trio.open_nursery() as nursery:
@@ -159,6 +196,7 @@ class World:
             "vchan_dir": str(layout.vchan_dir),
             "socket_dir": str(layout.socket_dir),
             "qubesd_socket": str(layout.qubesd_socket),
+            "group": self.config.group,
             "vms": {
                 vm.name: {"domid": vm.domid, "runtime_dir": str(vm.runtime_dir)}
                 for vm in domains.local_vms()
@@ -166,6 +204,7 @@ class World:
         }
         temporary = layout.state_file.with_suffix(".tmp")
         temporary.write_text(json.dumps(state, indent=1))
+        temporary.chmod(layout.file_mode)
         temporary.rename(layout.state_file)  # readers never see half a file
 
 

@@ -68,6 +68,9 @@ class WorldConfig:
     #: world installs ``policy.Ask`` and ``policy.Notify`` there. None: dom0, with
     #: only the services the config gives it.
     policy_agent: str | None = None
+    #: The group whose members may use the world (its sockets) besides the
+    #: world's own user; None: nobody else may.
+    group: str | None = None
 
     def vm(self, name: str) -> VMSpec:
         """The VM called ``name``; KeyError if there is none."""
