@@ -47,10 +47,18 @@ domid = 11
 [dom0.services]
 "test.Hold" = "{_holding_service(root / 'dom0-service.pid')}"
 
+[vm.dvm]
+domid = 20
+template_for_dispvms = true
+autostart = false
+[vm.dvm.services]
+"test.Hold" = "echo held; {HOLD}"
+
 [policy]
 rules = '''
 test.Hold * work vault allow
 test.Hold * work dom0 allow
+test.Hold * work @dispvm:dvm allow
 demo.Echo * work vault allow
 '''
 """
@@ -164,6 +172,23 @@ def test_the_world_stopping_ends_the_services_of_a_stuck_program(
         assert world.stop() == 0, (host.root / "world.log").read_text()[-3000:]
         # Killed before the world exited: at most the kernel has yet to finish it.
         wait_for(lambda: _gone(service), timeout=10, what="no service left by the world")
+    finally:
+        _end(call)
+
+
+def test_the_dispvm_of_a_killed_daemons_call_is_destroyed(world: RunningWorld) -> None:
+    """The DispVM belonged to a connection of work's daemon; with that daemon
+    killed outright, whoever halts work destroys it from the daemon's ledger."""
+    call = world.start("call", "work", "@dispvm:dvm", "test.Hold", stdin=subprocess.PIPE,
+                       stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert call.stdout is not None
+        assert call.stdout.readline() == b"held\n"
+        assert world.dispvms() != []
+        _program_of(world, "daemon", "work").send_signal(signal.SIGKILL)
+        wait_for(lambda: world.dispvms() == [], timeout=30,
+                 what="the dead daemon's DispVM to be destroyed")
+        assert not list((world.dir / "sockets").glob("qrexec-daemon.10.dispvms/*"))
     finally:
         _end(call)
 

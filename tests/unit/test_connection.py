@@ -16,6 +16,7 @@ from qrexec_trio.domains import DomainsError, QubesdDomains, serve_admin
 from qrexec_trio.nursery import (
     CONNECTIONS,
     KILL,
+    PORTS,
     Connection,
     ConnectionRegistry,
     State,
@@ -24,8 +25,10 @@ from qrexec_trio.nursery import (
     gathering_methods,
     kill_everywhere,
     parse_connections,
+    ports_method,
     registry_methods,
 )
+from qrexec_trio.roles._ports import PortTable
 
 
 class Ledger:
@@ -239,6 +242,22 @@ async def test_control_socket_lists_and_cancels_connections(short_tmp: Path) -> 
         with pytest.raises(DomainsError) as bad:
             await client.call(CONNECTIONS, "dom0", "unexpected-argument")
         assert bad.value.kind == "ProtocolError"
+        nursery.cancel_scope.cancel()
+
+
+async def test_control_socket_lists_a_daemons_data_ports(short_tmp: Path) -> None:
+    table = PortTable(42)
+    path = short_tmp / "control"
+    async with trio.open_nursery() as nursery:
+        await _serve(nursery, path, ports_method(table.allocated))
+        client = QubesdDomains(str(path), call_timeout=5)
+        assert parse_connections(await client.call(PORTS, "dom0")) == []
+        first, peer = table.allocate(0), table.allocate(43)
+        assert parse_connections(await client.call(PORTS, "dom0")) == [
+            {"port": first, "domain": 0}, {"port": peer, "domain": 43}]
+        assert first is not None and table.release(0, first)
+        assert parse_connections(await client.call(PORTS, "dom0")) == [
+            {"port": peer, "domain": 43}]
         nursery.cancel_scope.cancel()
 
 

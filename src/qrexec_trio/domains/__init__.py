@@ -23,6 +23,8 @@ from ._admin import encode_vm_list as encode_vm_list
 from ._admin_server import AdminCallRefused as AdminCallRefused
 from ._admin_server import AdminMethod as AdminMethod
 from ._admin_server import serve_admin as serve_admin
+from ._disposable import DispVMLedger as DispVMLedger
+from ._disposable import destroy_leftovers as destroy_leftovers
 from ._disposable import disposable as disposable
 from ._interface import Domain as Domain
 from ._interface import Domains as Domains

@@ -9,12 +9,14 @@ from ._connection import State as State
 from ._connection import call_id as call_id
 from ._control import CONNECTIONS as CONNECTIONS
 from ._control import KILL as KILL
+from ._control import PORTS as PORTS
 from ._control import UNKNOWN_CONNECTION as UNKNOWN_CONNECTION
 from ._control import control_socket_path as control_socket_path
 from ._control import gather_connections as gather_connections
 from ._control import gathering_methods as gathering_methods
 from ._control import kill_everywhere as kill_everywhere
 from ._control import parse_connections as parse_connections
+from ._control import ports_method as ports_method
 from ._control import registry_methods as registry_methods
 from ._errors import CALL_FAILURES as CALL_FAILURES
 from ._errors import one_error as one_error

@@ -30,6 +30,8 @@ log = get_logger(__name__)
 
 CONNECTIONS: Final = "qrexec.Connections"
 KILL: Final = "qrexec.Kill"
+#: A daemon's allocated data ports, one JSON object a line (``port``, ``domain``).
+PORTS: Final = "qrexec.Ports"
 #: The error kind of a kill for an id nobody holds.
 UNKNOWN_CONNECTION: Final = "UnknownConnectionError"
 
@@ -63,6 +65,21 @@ def registry_methods(registry: ConnectionRegistry, owner: str) -> dict[str, Admi
         return b""
 
     return {CONNECTIONS: connections, KILL: kill}
+
+
+def ports_method(in_use: Callable[[], Iterable[tuple[int, int]]]) -> dict[str, AdminMethod]:
+    """``qrexec.Ports``: the data ports ``in_use`` names, as (port, connect domain) pairs.
+
+    What a fault-injection run checks after the fact: a port held with no
+    call behind it is a leak.
+    """
+
+    async def ports(request: AdminRequest) -> bytes:
+        _no_argument(request)
+        await trio.lowlevel.checkpoint()
+        return _lines({"port": port, "domain": domain} for port, domain in in_use())
+
+    return {PORTS: ports}
 
 
 def parse_connections(value: bytes) -> list[dict[str, Any]]:

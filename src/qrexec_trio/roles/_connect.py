@@ -32,7 +32,7 @@ from .._config import Timeouts
 from .._errors import QrexecError
 from .._logging import get_logger
 from .._sockets import connect_unix
-from ..domains import Domains, DomainsError, disposable
+from ..domains import DispVMLedger, Domains, DomainsError, disposable
 from ..nursery import (
     Connection,
     ConnectionRegistry,
@@ -224,7 +224,8 @@ class Connector:
 
     def __init__(self, backend: VchanBackend, timeouts: Timeouts, socket_dir: str,
                  ledger: GroupLedger | None = None, domains: Domains | None = None,
-                 *, max_connecting: int | None = None) -> None:
+                 *, max_connecting: int | None = None,
+                 dispvms: DispVMLedger | None = None) -> None:
         self.backend = backend
         self.timeouts = timeouts
         self.socket_dir = socket_dir
@@ -232,6 +233,8 @@ class Connector:
         self.domains = domains
         #: Where dom0 services' process groups are written down (for a successor).
         self.ledger = ledger
+        #: Where the DispVMs of this program's calls are written down (for a successor).
+        self.dispvms = dispvms
         self._connecting = trio.CapacityLimiter(max_connecting) if max_connecting else None
 
     async def connect(
@@ -262,7 +265,8 @@ class Connector:
             raise ConnectError("DispVMs are not available: no domain manager")
         # The DispVM lives exactly as long as this connection: created here,
         # destroyed when the connection ends, however it ends.
-        name = await conn.enter(disposable(self.domains, template, self.timeouts))
+        name = await conn.enter(disposable(self.domains, template, self.timeouts,
+                                                self.dispvms))
         conn.describe(target=name)
         dispvm = replace(target, name=name, autostart=False)
         await self._vm_to_vm(conn, accept_source, dispvm,

@@ -54,6 +54,11 @@ class PortTable:
         self._owner[slot] = None
         return True
 
+    def allocated(self) -> list[tuple[int, int]]:
+        """Every allocated port with the domain it was allocated for."""
+        return [(FIRST_DATA_PORT + slot, owner) for slot, owner in enumerate(self._owner)
+                if owner is not None]
+
     def in_use(self) -> list[int]:
         return [FIRST_DATA_PORT + i for i, owner in enumerate(self._owner) if owner is not None]
 

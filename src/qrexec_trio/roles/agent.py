@@ -28,6 +28,7 @@ import trio
 
 from .._config import Timeouts
 from .._errors import QrexecError
+from .._ledgers import agent_groups_ledger
 from .._logging import get_logger
 from .._systemd import sd_notify
 from ..domains import serve_admin
@@ -100,7 +101,7 @@ class Agent:
         # Like every runtime file, the record sits beside the agent socket: the
         # reference's command line names that one path only, and an agent run
         # as a user may have no other writable directory.
-        self.ledger = GroupLedger(f"{socket_path}-groups")
+        self.ledger = GroupLedger(agent_groups_ledger(socket_path))
         #: Live connections: services running for dom0, and this VM's own calls.
         self.registry = ConnectionRegistry(cleanup_timeout=timeouts.cleanup)
         self.paths = RequestPaths.beside(socket_path)

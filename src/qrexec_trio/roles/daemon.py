@@ -28,13 +28,16 @@ import trio
 
 from .._config import Timeouts
 from .._errors import QrexecError
+from .._ledgers import daemon_dispvm_ledger, daemon_groups_ledger
 from .._logging import get_logger
 from .._sockets import listening_socket, serve_socket
 from ..domains import (
     DEFAULT_QUBESD_INTERNAL_SOCKET,
     DEFAULT_QUBESD_SOCKET,
+    DispVMLedger,
     Domains,
     QubesdDomains,
+    destroy_leftovers,
     serve_admin,
 )
 from ..nursery import (
@@ -47,6 +50,7 @@ from ..nursery import (
     child_process,
     control_socket_path,
     one_error,
+    ports_method,
     registry_methods,
 )
 from ..policy import DEFAULT_POLICY_D, DEFAULT_R2_DIR
@@ -157,9 +161,13 @@ class Daemon:
         self.max_calls = max_calls
         # dom0 services this daemon starts are written down, so that a daemon
         # restarted after a SIGKILL can end what its predecessor left running.
-        self.ledger = GroupLedger(os.path.join(socket_dir, f"qrexec-daemon.{domid}.groups"))
+        self.ledger = GroupLedger(daemon_groups_ledger(socket_dir, domid))
+        # And so are the DispVMs of its calls (destroyed by a successor, or by
+        # whoever halts this VM, when this daemon could not).
+        self.dispvms = DispVMLedger(daemon_dispvm_ledger(socket_dir, domid))
+        self.domains = domains
         self.connector = Connector(backend, timeouts, socket_dir, self.ledger, domains,
-                                   max_connecting=max_connecting)
+                                   max_connecting=max_connecting, dispvms=self.dispvms)
         #: This VM's live connections (its requests, and dom0's clients' calls).
         self.registry = ConnectionRegistry(cleanup_timeout=timeouts.cleanup)
         # Requests of this VM not answered yet, by ident. Only until the answer:
@@ -215,10 +223,15 @@ class Daemon:
         leftovers = self.ledger.reap_leftovers()
         if leftovers:
             log.warning("killed services a previous daemon left running", groups=leftovers)
+        if self.domains is not None:
+            destroyed = await destroy_leftovers(self.domains, self.dispvms, self.timeouts)
+            if destroyed:
+                log.warning("destroyed dispvms a previous daemon left", dispvms=destroyed)
         try:
             await self._serve(task_status)
         finally:
             self.ledger.remove_if_empty()
+            self.dispvms.remove_if_empty()
 
     async def _serve(self, task_status: trio.TaskStatus[None]) -> None:
         link = await self._first_connection()
@@ -227,7 +240,8 @@ class Daemon:
                 await nursery.start(functools.partial(
                     serve_admin, None, self.control_path,
                     request_timeout=self.timeouts.client_request,
-                    methods=registry_methods(self.registry, f"qrexec-daemon:{self.name}")))
+                    methods=registry_methods(self.registry, f"qrexec-daemon:{self.name}")
+                    | ports_method(self.ports.allocated)))
                 task_status.started()
                 nursery.start_soon(self._serve_clients, listener, nursery)
                 while True:

@@ -25,10 +25,11 @@ from pathlib import Path
 import trio
 
 from .._config import Timeouts
+from .._ledgers import agent_groups_ledger, daemon_dispvm_ledger, daemon_groups_ledger
 from .._logging import get_logger
 from .._programs import program
 from .._sockets import has_kind
-from ..domains import Domain, DomainsError
+from ..domains import DispVMLedger, Domain, DomainsError, destroy_leftovers
 from ..nursery import GroupLedger, child_process, one_error
 from ._layout import WorldLayout
 
@@ -184,8 +185,8 @@ class LocalDomains:
         """Where ``vm``'s agent and daemon write down the process groups of their
         services: beside the agent socket (``PATH-groups``, as the agent's help
         says), and in the daemon's socket dir."""
-        return (vm.agent_socket.with_name(f"{vm.agent_socket.name}-groups"),
-                self.layout.socket_dir / f"qrexec-daemon.{vm.domid}.groups")
+        return (Path(agent_groups_ledger(str(vm.agent_socket))),
+                Path(daemon_groups_ledger(str(self.layout.socket_dir), vm.domid)))
 
     async def _run(self, vm: LocalVM, task_status: trio.TaskStatus[None]) -> None:
         """One VM's life: its agent and its daemon, until its scope is cancelled."""
@@ -262,6 +263,20 @@ class LocalDomains:
                 continue
             if killed:
                 log.warning("killed services left running", vm=vm.name, groups=killed)
+        # The DispVMs its daemon made for calls that died with it: destroyed
+        # by the world's own task, since whoever halted this VM may be holding
+        # the lock that destroying takes.
+        dispvms = DispVMLedger(daemon_dispvm_ledger(str(self.layout.socket_dir), vm.domid))
+        if dispvms.names():
+            self._nursery.start_soon(self._destroy_leftover_dispvms, vm.name, dispvms)
+        else:
+            dispvms.remove_if_empty()
+
+    async def _destroy_leftover_dispvms(self, owner: str, ledger: DispVMLedger) -> None:
+        destroyed = await destroy_leftovers(self, ledger, self._timeouts)
+        ledger.remove_if_empty()
+        if destroyed:
+            log.warning("destroyed dispvms a dead daemon left", vm=owner, dispvms=destroyed)
 
 
 def _remove_link(path: Path) -> None:
