@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
-from .. import __version__
+from .. import __version__, torture
 from . import agent, client, daemon, demo, policy, policy_agent, policy_daemon, world
 
 
@@ -18,6 +18,7 @@ def _programs() -> dict[str, tuple[Callable[[list[str]], int], str]]:
         "vms": (world.vms_main, "list the domains of the running world"),
         "connections": (world.connections_main, "list the running world's live connections"),
         "kill": (world.kill_main, "cancel one live connection of the running world"),
+        "torture": (torture.main, "fault-injection run against a local world, with a report"),
         "daemon": (daemon.main, "qrexec-daemon (dom0, one per VM)"),
         "client": (client.main, "qrexec-client (dom0)"),
         "agent": (agent.main, "qrexec-agent (VM)"),
