@@ -8,7 +8,7 @@ import pytest
 
 from harness import VM, Host, wait_for
 
-from .worlds import CONFIG, RunningWorld
+from .worlds import CONFIG, RunningWorld, clean_world
 
 BACKEND = os.environ.get("QREXEC_VCHAN") or "socket"
 
@@ -54,10 +54,5 @@ def vm1(host: Host) -> VM:
 @pytest.fixture
 def world(host: Host) -> Iterator[RunningWorld]:
     """The world of CONFIG; it must stop cleanly, leaving nothing."""
-    running = RunningWorld(host, CONFIG)
-    try:
+    with clean_world(host, CONFIG) as running:
         yield running
-    finally:
-        status = running.stop()
-    assert status == 0, (host.root / "world.log").read_text()[-3000:]
-    assert not running.dir.exists()

@@ -18,6 +18,7 @@ import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -163,14 +164,21 @@ def always_bad_agent(host: Host) -> Iterator[None]:
         thread.join(30)
 
 
-@pytest.mark.usefixtures("always_bad_agent")
-def test_agent_that_never_says_a_good_hello_ends_the_daemon_at_the_startup_timeout(
-    host: Host, startup_timeout: float
-) -> None:
+def _daemon_timed_out(host: Host, startup_timeout: float) -> tuple[dict[str, Any], Path]:
+    """Run a daemon whose agent never gets through: it exits 3 at the start-up
+    timeout; its one "agent did not connect" log event, and its log."""
     log = host.root / "daemon.log"
     daemon = _direct_daemon(host, log)
     assert daemon.wait(timeout=startup_timeout + 30) == 3
     (timed_out,) = [e for e in read_log(log) if e.get("event") == "agent did not connect"]
+    return timed_out, log
+
+
+@pytest.mark.usefixtures("always_bad_agent")
+def test_agent_that_never_says_a_good_hello_ends_the_daemon_at_the_startup_timeout(
+    host: Host, startup_timeout: float
+) -> None:
+    timed_out, log = _daemon_timed_out(host, startup_timeout)
     assert "need >= 2" in timed_out["error"]
     assert len([e for e in read_log(log) if e.get("event") == RETRIED]) >= 1
     assert not (host.socket_dir / f"qrexec.{DOMID}").exists()
@@ -179,8 +187,5 @@ def test_agent_that_never_says_a_good_hello_ends_the_daemon_at_the_startup_timeo
 def test_agent_that_never_shows_up_ends_the_daemon_at_the_startup_timeout(
     host: Host, startup_timeout: float
 ) -> None:
-    log = host.root / "daemon.log"
-    daemon = _direct_daemon(host, log)
-    assert daemon.wait(timeout=startup_timeout + 30) == 3
-    (timed_out,) = [e for e in read_log(log) if e.get("event") == "agent did not connect"]
+    timed_out, _ = _daemon_timed_out(host, startup_timeout)
     assert f"within {startup_timeout:g}s" in timed_out["error"]

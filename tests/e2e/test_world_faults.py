@@ -22,7 +22,7 @@ from harness import Host, is_program, marked_processes, program, wait_for
 from qrexec_trio.domains import Domain, QubesdDomains
 from qrexec_trio.roles import world as world_commands
 
-from .worlds import RunningWorld
+from .worlds import RunningWorld, clean_world
 
 #: Long enough to outlive any test; a service killed with its call never gets there.
 HOLD = "exec sleep 3600"
@@ -76,13 +76,8 @@ FAULTS = {
 
 @pytest.fixture
 def world(host: Host) -> Iterator[RunningWorld]:
-    running = RunningWorld(host, _config(host.root))
-    try:
+    with clean_world(host, _config(host.root)) as running:
         yield running
-    finally:
-        status = running.stop()
-    assert status == 0, (host.root / "world.log").read_text()[-3000:]
-    assert not running.dir.exists()
 
 
 def _program_of(world: RunningWorld, what: str, vm: str) -> psutil.Process:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import signal
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from harness import Host, program, wait_for
 
@@ -76,3 +78,15 @@ class RunningWorld:
         finally:
             self.log.close()
         return status
+
+
+@contextmanager
+def clean_world(host: Host, config: str) -> Iterator[RunningWorld]:
+    """A world of ``config`` that must stop cleanly (status 0), leaving nothing."""
+    running = RunningWorld(host, config)
+    try:
+        yield running
+    finally:
+        status = running.stop()
+    assert status == 0, (host.root / "world.log").read_text()[-3000:]
+    assert not running.dir.exists()
