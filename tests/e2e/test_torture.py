@@ -31,6 +31,7 @@ from qrexec_trio.torture._kinds import FAULT_KINDS, CallPath
 from qrexec_trio.torture._options import parse_options
 from qrexec_trio.torture._procfs import ProcId
 from qrexec_trio.torture._report import Results
+from qrexec_trio.torture._vms import VMGate
 from qrexec_trio.torture._world import VM, World, config_text
 from qrexec_trio.world import load_world_config
 
@@ -241,3 +242,19 @@ async def test_ports_are_read_from_each_daemons_control_socket(tmp_path: Path) -
                                               request_timeout=5))
         assert await world.ports() is None
         nursery.cancel_scope.cancel()
+
+
+async def test_a_vm_that_is_not_restarted_in_time_is_reported_with_the_reason() -> None:
+    class NeverHalts:
+        def __init__(self) -> None:
+            self.vms = {"ta": VM("ta", 10, Path("/nonexistent"))}
+
+        async def states(self) -> dict[str, str]:
+            await trio.lowlevel.checkpoint()
+            return {"ta": "Running"}
+
+    async with trio.open_nursery() as background:
+        gate = VMGate(NeverHalts(), background, bound=0.2)  # type: ignore[arg-type]
+        gate.crashing("ta", by=1)
+    assert gate.broken
+    assert gate.restarts.failures == ["ta: not halted and started again within 0.2 s"]

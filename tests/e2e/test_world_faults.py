@@ -188,6 +188,25 @@ def test_the_dispvm_of_a_killed_daemons_call_is_destroyed(world: RunningWorld) -
         _end(call)
 
 
+def test_a_restarted_daemon_destroys_its_leftover_dispvms_without_blocking_its_start(
+    world: RunningWorld,
+) -> None:
+    """The restarted daemon's leftovers are destroyed through the world's admin
+    socket, whose start of that very VM holds the lock a kill takes: so the
+    daemon does it once started, never on the way there. Fifteen leftovers at
+    the admin call's 5 s bound each would outlast the 60 s start."""
+    _admin(world, "kill", "work")
+    ledger = world.dir / "sockets" / "qrexec-daemon.10.dispvms"
+    ledger.mkdir(exist_ok=True)
+    for number in range(15):
+        (ledger / f"disp{900 + number}").touch()
+    _admin(world, "start", "work")
+    wait_for(lambda: not ledger.exists() or not any(ledger.iterdir()), timeout=60,
+             what="the leftovers to be forgotten (they no longer exist)")
+    result = world.run("call", "work", "vault", "demo.Echo", input=b"up\n")
+    assert (result.returncode, result.stdout) == (0, b"vault\nup\n"), result.stderr
+
+
 # --- started means callable by name --------------------------------------------------
 
 

@@ -223,10 +223,6 @@ class Daemon:
         leftovers = self.ledger.reap_leftovers()
         if leftovers:
             log.warning("killed services a previous daemon left running", groups=leftovers)
-        if self.domains is not None:
-            destroyed = await destroy_leftovers(self.domains, self.dispvms, self.timeouts)
-            if destroyed:
-                log.warning("destroyed dispvms a previous daemon left", dispvms=destroyed)
         try:
             await self._serve(task_status)
         finally:
@@ -243,10 +239,21 @@ class Daemon:
                     methods=registry_methods(self.registry, f"qrexec-daemon:{self.name}")
                     | ports_method(self.ports.allocated)))
                 task_status.started()
+                # Only once started: whoever started this daemon (a domain
+                # manager starting the VM) may hold what destroying takes.
+                nursery.start_soon(self._destroy_leftover_dispvms)
                 nursery.start_soon(self._serve_clients, listener, nursery)
                 while True:
                     await self._serve_control(link, nursery)
                     link = await self._reconnect()
+
+    async def _destroy_leftover_dispvms(self) -> None:
+        """Destroy the DispVMs of the calls a killed predecessor left."""
+        if self.domains is None:
+            return
+        destroyed = await destroy_leftovers(self.domains, self.dispvms, self.timeouts)
+        if destroyed:
+            log.warning("destroyed dispvms a previous daemon left", dispvms=destroyed)
 
     async def _first_connection(self) -> FramedLink:
         """The agent's first connection: retried as a reconnection is, up to the start-up timeout.

@@ -161,7 +161,8 @@ class VMGate:
                 await until(functools.partial(self._halted, vm), _STATE_POLL)
                 await self._world.start(vm)
         except (trio.TooSlowError, DomainsError) as exc:
-            self.restarts.failures.append(f"{vm}: {exc or 'no restart within the bound'}")
+            why = str(exc) or f"not halted and started again within {self._bound:g} s"
+            self.restarts.failures.append(f"{vm}: {why}")
             self.broken = True
         else:
             self.restarts.durations.append(trio.current_time() - started)

@@ -29,7 +29,7 @@ from .._ledgers import agent_groups_ledger, daemon_dispvm_ledger, daemon_groups_
 from .._logging import get_logger
 from .._programs import program
 from .._sockets import has_kind
-from ..domains import DispVMLedger, Domain, DomainsError, destroy_leftovers
+from ..domains import DispVMLedger, Domain, DomainsError
 from ..nursery import GroupLedger, child_process, one_error
 from ._layout import WorldLayout
 
@@ -273,7 +273,16 @@ class LocalDomains:
             dispvms.remove_if_empty()
 
     async def _destroy_leftover_dispvms(self, owner: str, ledger: DispVMLedger) -> None:
-        destroyed = await destroy_leftovers(self, ledger, self._timeouts)
+        # Waits its turn at the lock however long a start holds it (an admin
+        # call's bounded kill could time out behind a restart, and be lost).
+        destroyed = []
+        for name in ledger.names():
+            async with self._lock:
+                vm = self._vms.get(name)
+                if vm is not None and vm.template is not None:
+                    await self._kill(vm)
+                    destroyed.append(name)
+            ledger.forget(name)
         ledger.remove_if_empty()
         if destroyed:
             log.warning("destroyed dispvms a dead daemon left", vm=owner, dispvms=destroyed)
