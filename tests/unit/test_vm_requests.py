@@ -343,14 +343,19 @@ async def _fdpass_socket(requests: VmRequests) -> tuple[trio.SocketStream, int]:
     return stream, int(FD_NUMBER.unpack(number)[0])
 
 
-async def _r2_call(requests: VmRequests) -> tuple[bytes, list[trio.SocketStream]]:
-    """A caller's three sockets and its record; returns its CID and the sockets."""
+async def _r2_sockets(requests: VmRequests) -> tuple[bytes, list[trio.SocketStream]]:
+    """A caller's three sockets, before its record; returns their CID and the sockets."""
     streams, numbers = [], []
     for _ in range(3):
         stream, number = await _fdpass_socket(requests)
         streams.append(stream)
         numbers.append(number)
-    cid = format_cid((numbers[0], numbers[1], numbers[2]))
+    return format_cid((numbers[0], numbers[1], numbers[2])), streams
+
+
+async def _r2_call(requests: VmRequests) -> tuple[bytes, list[trio.SocketStream]]:
+    """A caller's three sockets and its record; returns its CID and the sockets."""
+    cid, streams = await _r2_sockets(requests)
     _write_record(requests, cid)
     return cid, streams
 
@@ -412,12 +417,7 @@ async def test_sockets_closed_after_their_record_was_written_are_still_claimed(
     # became ready together in either order, so a few rounds see both.
     async with _serving(short_tmp, FakeControl(None), Timeouts(cid_claim=600)) as requests:
         for _ in range(20):
-            streams, numbers = [], []
-            for _ in range(3):
-                stream, number = await _fdpass_socket(requests)
-                streams.append(stream)
-                numbers.append(number)
-            cid = format_cid((numbers[0], numbers[1], numbers[2]))
+            cid, streams = await _r2_sockets(requests)
             for _ in range(100):
                 _write_record(requests, b"0 1 2")  # names no unclaimed socket: refused
             _write_record(requests, cid)
