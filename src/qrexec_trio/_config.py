@@ -8,12 +8,13 @@ without touching code.
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from dataclasses import dataclass
+
+# Not dataclasses: the short-lived clients import this module on every call.
+from ._light import frozen_record, replace
 
 
-@dataclass(frozen=True, slots=True)
+@frozen_record
 class Timeouts:
     #: qrexec-client waits this long for the agent to connect its data vchan (``-w``).
     data_vchan_accept: float = 10.0
@@ -58,18 +59,18 @@ class Timeouts:
     def from_env(cls, environ: dict[str, str] | None = None) -> Timeouts:
         env = os.environ if environ is None else environ
         values: dict[str, float] = {}
-        for field in dataclasses.fields(cls):
-            raw = env.get(f"QREXEC_TIMEOUT_{field.name.upper()}")
+        for name in cls.__match_args__:
+            raw = env.get(f"QREXEC_TIMEOUT_{name.upper()}")
             if raw is not None:
                 try:
-                    values[field.name] = float(raw)
+                    values[name] = float(raw)
                 except ValueError:
                     raise ValueError(
-                        f"QREXEC_TIMEOUT_{field.name.upper()}={raw!r} is not a number"
+                        f"QREXEC_TIMEOUT_{name.upper()}={raw!r} is not a number"
                     ) from None
         if "QREXEC_STARTUP_TIMEOUT" in env and "startup" not in values:
             values["startup"] = float(env["QREXEC_STARTUP_TIMEOUT"])
         return cls(**values)
 
     def replace(self, **changes: float) -> Timeouts:
-        return dataclasses.replace(self, **changes)
+        return replace(self, **changes)

@@ -20,16 +20,20 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import random
 import socket
-import stat
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Final
 
 import trio
 
 from ._logging import get_logger
+
+# Defined trio-free in ._unix for the light clients; the trio programs import them here.
+from ._unix import ListenQueueFull as ListenQueueFull  # noqa: PLC0414
+from ._unix import attempt_connect, connect_blocking, connect_pauses
+from ._unix import has_kind as has_kind  # noqa: PLC0414
+from ._unix import remove_stale as remove_stale  # noqa: PLC0414
+from ._unix import unlink_if_same as unlink_if_same  # noqa: PLC0414
 
 log = get_logger(__name__)
 
@@ -54,29 +58,6 @@ def system_max_backlog() -> int:
 #: The listen backlog of every serving socket: the system's maximum, so that a
 #: burst of clients waits in the queue rather than meeting a full one.
 BACKLOG: Final = system_max_backlog()
-
-
-def remove_stale(path: str, is_kind: Callable[[int], bool] = stat.S_ISSOCK) -> None:
-    """Remove a leftover at ``path`` if it is of the expected kind; never anything else."""
-    with contextlib.suppress(FileNotFoundError):
-        if is_kind(os.lstat(path).st_mode):
-            os.unlink(path)
-
-
-def has_kind(path: str, is_kind: Callable[[int], bool] = stat.S_ISSOCK, *,
-             follow_symlinks: bool = False) -> bool:
-    """Whether ``path`` exists and is of the kind ``is_kind`` tests (a socket by default)."""
-    try:
-        return is_kind(os.stat(path, follow_symlinks=follow_symlinks).st_mode)
-    except OSError:
-        return False
-
-
-def unlink_if_same(path: str, inode: int) -> None:
-    """Unlink ``path`` if it still names the file with ``inode``."""
-    with contextlib.suppress(OSError):
-        if os.lstat(path).st_ino == inode:
-            os.unlink(path)
 
 
 @contextlib.contextmanager
@@ -136,62 +117,6 @@ async def serve_socket(
 
 # -- the client side -------------------------------------------------------------------
 
-#: Waiting for room in a full listen queue: the first pause, doubled up to the
-#: last. Short, because a server that accepts at all empties its queue fast.
-_QUEUE_FULL_FIRST_PAUSE: Final = 0.001
-_QUEUE_FULL_LAST_PAUSE: Final = 0.05
-
-
-class ListenQueueFull(TimeoutError):
-    """The server's listen queue stayed full for the whole connect timeout.
-
-    An :class:`OSError` (errno EAGAIN, ``filename`` the socket's path), so that
-    callers that report a failed connect by its ``strerror`` report this too.
-    """
-
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__(
-            errno.EAGAIN,
-            f"its listen queue stayed full for {timeout:g}s (the server is not accepting)",
-            path,
-        )
-
-
-def _attempt(path: str) -> socket.socket | None:
-    """A non-blocking unix stream socket connected to ``path``; None if its queue is full.
-
-    On Linux a non-blocking connect() to a unix socket never is "in progress":
-    it connects at once or fails, EAGAIN meaning the listen queue is full.
-    (trio's ``connect`` takes that EAGAIN for "in progress" and hands back a
-    socket that is not connected, hence this function.) Other errors raise.
-    """
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.setblocking(False)
-        sock.connect(path)
-    except BlockingIOError as exc:
-        sock.close()
-        if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
-            return None
-        raise
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _pauses(timeout: float, clock: Callable[[], float]) -> Iterator[float]:
-    """Pauses between attempts until ``timeout`` (by ``clock``) is spent; then none.
-
-    Jittered, so that the clients of one burst do not all come back at once.
-    """
-    deadline = clock() + timeout
-    pause = _QUEUE_FULL_FIRST_PAUSE
-    while (left := deadline - clock()) > 0:
-        yield min(pause * random.uniform(0.5, 1.0), left)
-        pause = min(2 * pause, _QUEUE_FULL_LAST_PAUSE)
-
-
 async def connect_unix(path: str, *, timeout: float) -> trio.SocketStream:
     """A stream connected to the unix socket at ``path``, waiting out a full listen queue.
 
@@ -199,10 +124,10 @@ async def connect_unix(path: str, *, timeout: float) -> trio.SocketStream:
     seconds, and :class:`OSError` as connect() does for anything else (no
     such socket, nobody listening, ...).
     """
-    pauses = _pauses(timeout, trio.current_time)
+    pauses = connect_pauses(timeout, trio.current_time)
     while True:
         await trio.lowlevel.checkpoint()
-        sock = _attempt(path)
+        sock = attempt_connect(path, socket.socket)
         if sock is not None:
             return trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         pause = next(pauses, None)
@@ -213,11 +138,4 @@ async def connect_unix(path: str, *, timeout: float) -> trio.SocketStream:
 
 def connect_unix_blocking(path: str, *, timeout: float) -> socket.socket:
     """:func:`connect_unix` for synchronous code: a blocking socket, or the same errors."""
-    pauses = _pauses(timeout, time.monotonic)
-    while (sock := _attempt(path)) is None:
-        pause = next(pauses, None)
-        if pause is None:
-            raise ListenQueueFull(path, timeout)
-        time.sleep(pause)
-    sock.setblocking(True)
-    return sock
+    return connect_blocking(path, timeout=timeout, make=socket.socket)

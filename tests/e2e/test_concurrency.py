@@ -34,7 +34,7 @@ from qrexec_trio.protocol import (
     TriggerAnswer,
 )
 from qrexec_trio.roles._connect import ConnectError, request_port
-from qrexec_trio.roles.client_vm import trigger_frame
+from qrexec_trio.roles._vm_call import trigger_frame
 from qrexec_trio.world import load_world_config
 from qrexec_trio.xen import VchanBackend
 from qrexec_trio.xen._socket import SocketBackend

@@ -12,7 +12,8 @@ from harness import VM, Host
 from qrexec_trio._config import Timeouts
 from qrexec_trio.domains import QubesdDomains
 from qrexec_trio.nursery import CONNECTIONS, control_socket_path
-from qrexec_trio.roles.client_vm import Refused, _ask_agent, trigger_frame
+from qrexec_trio.roles._client_vm_trio import ask_agent
+from qrexec_trio.roles._vm_call import Refused, trigger_frame
 
 #: Clients at once: well above the old backlog of 64.
 BURST = 200
@@ -49,7 +50,7 @@ async def test_a_burst_of_trigger_requests_to_an_agent_is_answered_in_full(vm1: 
     agent_socket = str(vm1.runtime_dir / "qrexec-agent")
 
     async def call() -> None:
-        stream, _, _ = await _ask_agent(agent_socket, frame, Timeouts())
+        stream, _, _ = await ask_agent(agent_socket, frame, Timeouts())
         await stream.aclose()
 
     outcomes = await _outcomes(call, BURST)

@@ -10,6 +10,7 @@ import errno
 import os
 import socket
 import threading
+from _socket import socket as raw_socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 import trio
 import trio.testing
 
-from qrexec_trio import _sockets
+from qrexec_trio import _sockets, _unix
 from qrexec_trio._config import Timeouts
 from qrexec_trio._sockets import (
     ListenQueueFull,
@@ -26,8 +27,10 @@ from qrexec_trio._sockets import (
     listening_socket,
 )
 from qrexec_trio.protocol import ExecCmdline
+from qrexec_trio.roles._client_vm_trio import ask_agent
 from qrexec_trio.roles._connect import ConnectError, open_daemon_request
-from qrexec_trio.roles.client_vm import ClientVmError, _ask_agent, _fdpass_socket
+from qrexec_trio.roles._vm_call import ClientVmError, _fdpass_socket
+from qrexec_trio.roles._vm_call import ask_agent as ask_agent_blocking
 
 #: A short timeout where the test wants the give-up path.
 GIVE_UP: float = 0.2
@@ -164,15 +167,15 @@ def test_blocking_connect_waits_for_room_then_connects(
         full_listener: tuple[str, socket.socket], monkeypatch: pytest.MonkeyPatch) -> None:
     path, server = full_listener
     met_full_queue = threading.Event()
-    attempt = _sockets._attempt
+    attempt = _unix.attempt_connect
 
-    def observed_attempt(target: str) -> socket.socket | None:
-        sock = attempt(target)
+    def observed_attempt(target: str, make: type[socket.socket]) -> socket.socket | None:
+        sock = attempt(target, make)
         if sock is None:
             met_full_queue.set()
         return sock
 
-    monkeypatch.setattr(_sockets, "_attempt", observed_attempt)
+    monkeypatch.setattr(_unix, "attempt_connect", observed_attempt)
 
     def make_room() -> None:
         if met_full_queue.wait(30):
@@ -205,14 +208,21 @@ async def test_client_vm_trigger_reports_a_full_queue_as_its_error(
         full_listener: tuple[str, socket.socket]) -> None:
     path, _ = full_listener
     with trio.fail_after(30), pytest.raises(ClientVmError, match="listen queue stayed full"):
-        await _ask_agent(path, b"frame", Timeouts(handshake=GIVE_UP))
+        await ask_agent(path, b"frame", Timeouts(handshake=GIVE_UP))
+
+
+def test_the_blocking_client_vm_trigger_reports_a_full_queue_as_its_error(
+        full_listener: tuple[str, socket.socket]) -> None:
+    path, _ = full_listener
+    with pytest.raises(ClientVmError, match="listen queue stayed full"):
+        ask_agent_blocking(path, b"frame", Timeouts(handshake=GIVE_UP), raw_socket)
 
 
 def test_client_vm_fdpass_reports_a_full_queue_as_its_error(
         full_listener: tuple[str, socket.socket]) -> None:
     path, _ = full_listener
     with pytest.raises(ClientVmError, match="listen queue stayed full"):
-        _fdpass_socket(path, GIVE_UP)
+        _fdpass_socket(path, GIVE_UP, socket.socket)
 
 
 async def test_a_daemon_request_reports_a_full_queue_as_a_connect_error(

@@ -36,7 +36,7 @@ from qrexec_trio.protocol import (
     TriggerService,
     encode_frame,
 )
-from qrexec_trio.roles import client_vm
+from qrexec_trio.roles import _vm_call, client_vm
 from qrexec_trio.roles._vm_local import (
     FD_NUMBER,
     decode_fifo_record,
@@ -564,6 +564,9 @@ def test_status_channel_rejects_anything_else(data: bytes, field: str) -> None:
         (["-t"], None, None, None),
         (["--prefix-data", "-x", "-p", "-y", "vm", "svc"], None, None, None),
         (["--", "vm", "svc", "-p"], "vm", "svc", ["-p"]),
+        # getopt_long's forms: a long name's prefix, its value the next argument.
+        (["--prefix", "-x", "vm", "svc", "--", "-a"], "vm", "svc", ["--", "-a"]),
+        (["-tp-x", "vm", "svc"], "vm", "svc", []),
     ],
 )
 def test_options_stop_at_the_first_operand(
@@ -571,15 +574,16 @@ def test_options_stop_at_the_first_operand(
 ) -> None:
     parser = client_vm.build_parser()
     if target is None:
-        with pytest.raises(SystemExit):  # a usage error
-            parser.parse_args(client_vm._options_end(parser, argv))
+        with pytest.raises(SystemExit) as stopped:
+            parser.parse_args(argv)
+        assert stopped.value.code == client_vm.EXIT_USAGE
         return
-    args = parser.parse_args(client_vm._options_end(parser, argv))
+    args = parser.parse_args(argv)
     assert (args.target, args.service, args.prog) == (target, service, prog)
-    assert args.prefix_data == ("-x" if "--prefix-data" in argv else None)
+    assert args.prefix_data == ("-x" if {"-x", "-tp-x"} & set(argv) else None)
 
 
 @pytest.mark.parametrize(("raw", "target"), [("", b"@default"), ("$dispvm:dvm", b"@dispvm:dvm"),
                                              ("work", b"work")])
 def test_target_spelling(raw: str, target: bytes) -> None:
-    assert client_vm._target(raw) == target
+    assert _vm_call.call_target(raw) == target

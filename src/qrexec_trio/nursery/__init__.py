@@ -1,6 +1,7 @@
 """Structured-concurrency building blocks: the Connection and its registry, framed
 links, the data pump, the glue, child processes."""
 
+from ..protocol import caller_exit_code as caller_exit_code  # the pump's rule, sans-IO
 from ._connection import Connection as Connection
 from ._connection import ConnectionInfo as ConnectionInfo
 from ._connection import ConnectionRegistry as ConnectionRegistry
@@ -31,7 +32,6 @@ from ._pump import CallerEnd as CallerEnd
 from ._pump import PeerGone as PeerGone
 from ._pump import ServiceEnd as ServiceEnd
 from ._pump import call_data as call_data
-from ._pump import caller_exit_code as caller_exit_code
 from ._pump import send_spawn_failure as send_spawn_failure
 from ._pump import serve_data as serve_data
 from ._service_end import connect_service as connect_service

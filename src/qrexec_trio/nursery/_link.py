@@ -56,9 +56,12 @@ class FramedLink:
 
     async def send(self, event: Event) -> None:
         """Send one message; concurrent senders queue up, frames never interleave."""
-        frame = event.encode()
+        await self.send_frames(event.encode())
+
+    async def send_frames(self, frames: bytes) -> None:
+        """Send whole frames encoded already (by the sans-IO layer), as :meth:`send` does."""
         async with self._send_lock:
-            await self.stream.send_all(frame)
+            await self.stream.send_all(frames)
 
     async def receive(self) -> Event | None:
         """The next event, or ``None`` if the peer closed between messages.

@@ -22,16 +22,10 @@ from dataclasses import dataclass, field
 
 import trio
 
+from .. import protocol
 from .._errors import QrexecError
 from .._logging import get_logger
-from ..protocol import (
-    Data,
-    ExitCode,
-    ExitStatus,
-    Stream,
-    filter_escape_chars,
-    max_data_chunk,
-)
+from ..protocol import NO_STATUS, CallerSession, Data, ExitCode, Stream
 from ._connection import Meter
 from ._errors import one_error
 from ._link import FramedLink
@@ -154,25 +148,25 @@ class CallerEnd:
     prefix: bytes = b""
     filter_stdout: bool = False
     filter_stderr: bool = False
-    #: Set once STDIN EOF has been sent.
+    #: Set once sending input is over (its end sent, or the link refused it).
     _input_done: bool = field(default=False, init=False)
 
 
-async def _send_input(link: FramedLink, end: CallerEnd, meter: Meter) -> None:
-    try:
-        await _send_input_until_eof(link, end, meter)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        # The service side may finish (and close) without reading our input,
-        # as a service that does not exist does. Its messages are still
-        # buffered for the receiving loop, which decides how the call ended.
-        end._input_done = True
+async def _send_input(link: FramedLink, end: CallerEnd, session: CallerSession,
+                      meter: Meter) -> None:
+    # The service side may finish (and close) without reading our input, as a
+    # service that does not exist does. Its messages are still buffered for the
+    # receiving loop, which decides how the call ended.
+    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+        await _send_input_until_eof(link, end, session, meter)
+    end._input_done = True
 
 
-async def _send_input_until_eof(link: FramedLink, end: CallerEnd, meter: Meter) -> None:
-    chunk = max_data_chunk(link.version or 2)
+async def _send_input_until_eof(link: FramedLink, end: CallerEnd, session: CallerSession,
+                                meter: Meter) -> None:
     meter.to_service += len(end.prefix)
-    for start in range(0, len(end.prefix), chunk):
-        await link.send(Data(Stream.STDIN, end.prefix[start : start + chunk]))
+    if end.prefix:
+        await link.send_frames(session.frame_input(end.prefix))
     if end.input is not None:
         while True:
             try:
@@ -182,77 +176,64 @@ async def _send_input_until_eof(link: FramedLink, end: CallerEnd, meter: Meter) 
             if not data:
                 break
             meter.to_service += len(data)
-            await link.send(Data(Stream.STDIN, bytes(data)))
-    end._input_done = True
-    await link.send(Data(Stream.STDIN, b""))
+            await link.send_frames(session.frame_input(bytes(data)))
+    await link.send_frames(session.frame_input_end())
 
 
-async def _write_local(
-    stream: trio.abc.SendStream | None, data: bytes, *, filtered: bool
-) -> trio.abc.SendStream | None:
-    """Write to a local stream; a local reader that went away stops getting data."""
+async def _write_local(stream: trio.abc.SendStream | None, data: bytes) -> bool:
+    """Write to a local stream; False if its reader went away (it gets no more data)."""
     if stream is None:
-        return None
+        return False
     try:
-        await stream.send_all(filter_escape_chars(data) if filtered else data)
+        await stream.send_all(data)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
-        return None
-    return stream
+        return False
+    return True
 
 
 async def call_data(link: FramedLink, end: CallerEnd, *, finish_timeout: float,
                     meter: Meter | None = None) -> int:
-    """Run the caller side of the data phase.
+    """Run the caller side of the data phase (the rules: :class:`CallerSession`).
 
     Returns the remote exit status, or -1 if the vchan closed before one came.
     """
+    session = CallerSession(link.version or 2, filter_output=end.filter_stdout,
+                            filter_errors=end.filter_stderr)
     with one_error():
-        status = await _call_data(link, end, meter or Meter())
-    if status is None:
-        return -1
-    if not end._input_done:
+        await _call_data(link, end, session, meter or Meter())
+    if session.status is None:
+        return NO_STATUS
+    if not (end._input_done or session.input_done):
         # Best effort, as the reference: the service side may already have closed.
         with trio.move_on_after(finish_timeout):
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await link.send(Data(Stream.STDIN, b""))
-    return status
+                await link.send_frames(session.frame_input_end())
+    return session.status
 
 
-async def _call_data(link: FramedLink, end: CallerEnd, meter: Meter) -> int | None:
-    status: int | None = None
-    output: trio.abc.SendStream | None = end.output
-    errors = end.errors
+async def _call_data(link: FramedLink, end: CallerEnd, session: CallerSession,
+                     meter: Meter) -> None:
+    if end.errors is None:
+        session.errors_gone()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_send_input, link, end, meter)
-        while status is None:
+        nursery.start_soon(_send_input, link, end, session, meter)
+        while not session.finished:
             event = await link.receive()
+            if event is None:
+                break
             if isinstance(event, Data):
                 meter.to_caller += len(event.data)
-            match event:
-                case None:
-                    break
-                case Data(Stream.STDOUT, data) if data:
-                    output = await _write_local(output, data, filtered=end.filter_stdout)
-                case Data(Stream.STDOUT):
-                    if output is not None:
-                        output = None
-                        await end.close_output()
-                case Data(Stream.STDERR, data):
-                    if data:  # an empty one is the stderr EOF marker: nothing to do
-                        errors = await _write_local(errors, data, filtered=end.filter_stderr)
-                case ExitCode(remote_status):
-                    status = remote_status
-                case other:  # the reader lets nothing else through on this link
-                    raise AssertionError(f"unexpected {other!r}")
+            action = session.handle(event)
+            if action is None:
+                continue
+            match action:
+                case (protocol.WRITE_OUTPUT, data):
+                    if not await _write_local(end.output, data):
+                        session.output_gone()
+                case (protocol.WRITE_ERRORS, data):
+                    if not await _write_local(end.errors, data):
+                        session.errors_gone()
+                case (protocol.CLOSE_OUTPUT, _):
+                    await end.close_output()
         # The call is over: stop reading local input.
         nursery.cancel_scope.cancel()
-    return status
-
-
-def caller_exit_code(remote_status: int, local_status: int | None) -> int:
-    """qrexec's rule: the remote status if non-zero, else the local program's, else 0."""
-    if remote_status < 0:
-        return int(ExitStatus.CONNECTION_LOST)
-    if remote_status != 0:
-        return remote_status & 0xFF
-    return local_status or 0

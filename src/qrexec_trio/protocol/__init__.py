@@ -9,6 +9,13 @@ events out; build events and send their :meth:`encode`.
 """
 
 from ._bounds import payload_bounds as payload_bounds
+from ._caller import CLOSE_OUTPUT as CLOSE_OUTPUT
+from ._caller import FINISHED as FINISHED
+from ._caller import NO_STATUS as NO_STATUS
+from ._caller import WRITE_ERRORS as WRITE_ERRORS
+from ._caller import WRITE_OUTPUT as WRITE_OUTPUT
+from ._caller import CallerSession as CallerSession
+from ._caller import caller_exit_code as caller_exit_code
 from ._cmdline import Cmdline as Cmdline
 from ._cmdline import RpcCall as RpcCall
 from ._cmdline import ShellCommand as ShellCommand

@@ -7,8 +7,6 @@ it could not encode back, when it is called without a reader).
 
 from __future__ import annotations
 
-from typing import Final
-
 from ._constants import (
     EXEC_PARAMS_SIZE,
     MAX_QREXEC_CMD_LEN,
@@ -21,6 +19,10 @@ from ._constants import (
     max_data_chunk,
 )
 from ._direction import Direction
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 _EXEC_REQUEST: Final = (EXEC_PARAMS_SIZE + 1, MAX_QREXEC_CMD_LEN)
 # What the daemon sends the agent: exec_params and the 32-byte NUL-padded id.

@@ -16,11 +16,13 @@ so that any byte a legacy shell command carries survives the round trip to
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Final
-
+from .._light import frozen_record
 from ._constants import MAX_SERVICE_BASENAME_LEN, MAX_SERVICE_NAME_LEN
 from ._errors import RemoteProtocolError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 RPC_PREFIX: Final = "QUBESRPC"
 NOGUI_PREFIX: Final = "nogui:"
@@ -28,7 +30,7 @@ DEFAULT_USER_PREFIX: Final = b"DEFAULT:"
 _TARGET_TYPES: Final = ("name", "keyword")
 
 
-@dataclass(frozen=True, slots=True)
+@frozen_record
 class RpcCall:
     """A ``QUBESRPC`` request for a named service."""
 
@@ -61,14 +63,14 @@ class RpcCall:
         return " ".join(parts)
 
 
-@dataclass(frozen=True, slots=True)
+@frozen_record
 class ShellCommand:
     """A legacy command line, run by the user's shell."""
 
     command: str
 
 
-@dataclass(frozen=True, slots=True)
+@frozen_record
 class Cmdline:
     user: str | None
     nogui: bool

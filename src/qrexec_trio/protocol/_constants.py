@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import enum
+from .._light import IntEnum
 
 
-class MsgType(enum.IntEnum):
+class MsgType(IntEnum):
     """Message types; the values are the u32 ``type`` field of the header."""
 
     DATA_STDIN = 0x190
@@ -65,7 +65,7 @@ CONTROL_RING_SIZE = 4096
 DATA_RING_SIZE = 65536
 
 
-class ExitStatus(enum.IntEnum):
+class ExitStatus(IntEnum):
     """Exit statuses with a meaning fixed by qrexec."""
 
     OK = 0

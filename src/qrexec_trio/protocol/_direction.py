@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import enum
+from .._light import Enum
 
 
-class Direction(enum.Enum):
+class Direction(Enum):
     """A link and the direction of travel on it."""
 
     DAEMON_TO_AGENT = "daemon->agent (control vchan)"

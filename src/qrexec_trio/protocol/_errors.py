@@ -10,9 +10,8 @@ Both derive from :class:`ProtocolError`, so a caller that only wants to know
 
 from __future__ import annotations
 
-from typing import final
-
 from .._errors import QrexecError
+from .._light import final
 
 
 class ProtocolError(QrexecError):

@@ -13,12 +13,9 @@ still in step); encoding raises :class:`LocalProtocolError` (ours).
 
 from __future__ import annotations
 
-import enum
 import struct
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import ClassVar, Final, TypeAlias
 
+from .._light import IntEnum, frozen_record
 from ._bounds import payload_bounds
 from ._constants import (
     DOMAIN_NAME_SIZE,
@@ -51,8 +48,13 @@ from ._structs import (
     service_name_problem,
 )
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import ClassVar, Final, TypeAlias
 
-class Stream(enum.IntEnum):
+
+class Stream(IntEnum):
     """The three byte streams of a call, by the message type that carries them."""
 
     STDIN = MsgType.DATA_STDIN
@@ -74,7 +76,7 @@ def _cmdline(cmdline: bytes) -> bytes:
     return cmdline + b"\0"
 
 
-@dataclass(frozen=True, slots=True)
+@frozen_record
 class Hello:
     """MSG_HELLO: the highest protocol version the sender speaks."""
 
@@ -86,7 +88,7 @@ class Hello:
         return encode_frame(self.msg_type, U32.pack(self.version))
 
 
-@dataclass(frozen=True, slots=True)
+@frozen_record
 class ExecCmdline:
     """MSG_EXEC_CMDLINE: run ``cmdline`` and serve its data vchan at (domain, port).
 
@@ -103,7 +105,7 @@ class ExecCmdline:
         return encode_frame(self.msg_type, payload)
 
 
-@dataclass(frozen=True, slots=True)
+@frozen_record
 class JustExec:
     """MSG_JUST_EXEC: start ``cmdline`` detached; only its start is reported."""
 
@@ -121,7 +123,7 @@ class JustExec:
 ExecRequest: TypeAlias = ExecCmdline | JustExec
 
 
-@dataclass(frozen=True, slots=True)
+@frozen_record
 class PortAssigned:
     """The daemon's reply to a client's request: the data vchan to use.
 
@@ -145,7 +147,7 @@ class PortAssigned:
 _REQUEST_TYPES: Final = (MsgType.EXEC_CMDLINE, MsgType.JUST_EXEC, MsgType.SERVICE_CONNECT)
 
 
-@dataclass(frozen=True, slots=True)
+@frozen_record
 class ServiceConnect:
     """MSG_SERVICE_CONNECT: request ``request_id`` is allowed; serve (domain, port).
 
@@ -179,7 +181,7 @@ class ServiceConnect:
         return encode_frame(self.msg_type, ports + raw)
 
 
-@dataclass(frozen=True, slots=True)
+@frozen_record
 class ServiceRefused:
     """MSG_SERVICE_REFUSED: request ``request_id`` is refused.
 
@@ -203,7 +205,7 @@ _TRIGGER_TYPES: Final = {2: MsgType.TRIGGER_SERVICE, 3: MsgType.TRIGGER_SERVICE3
                          4: MsgType.TRIGGER_SERVICE4}
 
 
-@dataclass(frozen=True, slots=True)
+@frozen_record
 class TriggerService:
     """A VM's request to call a service (MSG_TRIGGER_SERVICE, _SERVICE3 or _SERVICE4).
 
@@ -248,7 +250,7 @@ class TriggerService:
         return encode_frame(msg_type, payload)
 
 
-@dataclass(frozen=True, slots=True)
+@frozen_record
 class ConnectionTerminated:
     """MSG_CONNECTION_TERMINATED: the data vchan (domain, port) is done with."""
 
@@ -260,7 +262,7 @@ class ConnectionTerminated:
         return encode_frame(self.msg_type, _ports(self.connect_domain, self.connect_port))
 
 
-@dataclass(frozen=True, slots=True)
+@frozen_record
 class Data:
     """MSG_DATA_STDIN/STDOUT/STDERR: bytes of one stream; empty means its EOF."""
 
@@ -275,7 +277,7 @@ class Data:
         return encode_frame(self.stream, self.data)
 
 
-@dataclass(frozen=True, slots=True)
+@frozen_record
 class ExitCode:
     """MSG_DATA_EXIT_CODE: how the remote end of a call finished."""
 
@@ -286,7 +288,7 @@ class ExitCode:
         return encode_frame(self.msg_type, encode_status(self.status))
 
 
-@dataclass(frozen=True, slots=True)
+@frozen_record
 class TriggerAnswer:
     """The agent's answer on today's trigger socket: where to serve the data vchan.
 
@@ -423,7 +425,8 @@ def _trigger_fields(msg_type: MsgType, payload: bytes, request_id: bytes) -> Tri
                           request_id, decode_service_name(payload[TRIGGER_V4_FIXED_SIZE:]))
 
 
-_Decoder: TypeAlias = Callable[[MsgType, bytes], Event]
+if TYPE_CHECKING:
+    _Decoder: TypeAlias = Callable[[MsgType, bytes], Event]
 
 _TRIGGERS: Final[dict[MsgType, _Decoder]] = {
     MsgType.TRIGGER_SERVICE: _decode_trigger,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Final
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 # Printable ASCII plus TAB, LF, CR, BS and BEL pass; every other byte becomes "_",
 # so a hostile service cannot drive the caller's terminal.

@@ -9,14 +9,17 @@ than one legal message.
 
 from __future__ import annotations
 
-from typing import Final, final
-
+from .._light import final
 from ._bounds import payload_bounds
 from ._constants import HEADER_SIZE, MsgType
 from ._direction import Direction
 from ._errors import LocalProtocolError, RemoteProtocolError
 from ._events import Event, decode_event
 from ._structs import Message, decode_header
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 #: Links on which a message of these types is the last one.
 _FINAL_TYPES: Final[dict[Direction, frozenset[int]]] = {

@@ -8,11 +8,9 @@ receiver would accept with :class:`LocalProtocolError`.
 
 from __future__ import annotations
 
-import re
 import struct
-from dataclasses import dataclass
-from typing import Final
 
+from .._light import frozen_record
 from ._constants import (
     HEADER_SIZE,
     IDENT_SIZE,
@@ -23,6 +21,10 @@ from ._constants import (
 )
 from ._errors import LocalProtocolError, RemoteProtocolError
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
+
 # x86-64 is the only platform qrexec runs on, so "host order" is little-endian.
 _HEADER: Final = struct.Struct("<II")
 U32: Final = struct.Struct("<I")
@@ -31,7 +33,7 @@ PORT_PAIR: Final = struct.Struct("<II")
 _U32_MAX: Final = 0xFFFFFFFF
 
 
-@dataclass(frozen=True, slots=True)
+@frozen_record
 class Message:
     """One framed message as read off the wire: the header's type and the payload.
 
@@ -88,14 +90,24 @@ def negotiate_version(own: int, peer: int, minimum: int = MIN_PROTOCOL_VERSION) 
 
 # -- request ids (service_params) ------------------------------------------------
 
-_IDENT_CHARS: Final = re.compile(rb"[0-9A-Za-z_.\- ]*")
+# The allowed bytes of each kind of name. Checked with bytes methods, not
+# regexes: the short-lived clients check their names on every call and do not
+# import re.
+_DIGITS: Final = b"0123456789"
+_LETTERS: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_IDENT_CHARS: Final = _DIGITS + _LETTERS + b"_.- "
+
+
+def _only(text: bytes, allowed: bytes) -> bool:
+    """Whether every byte of ``text`` is one of ``allowed`` (true for empty ``text``)."""
+    return not text.translate(None, allowed)
 
 
 def encode_ident(ident: bytes) -> bytes:
     """A 32-byte NUL-padded request id."""
     if len(ident) >= IDENT_SIZE:
         raise LocalProtocolError("request_id", f"longer than {IDENT_SIZE - 1} bytes")
-    if _IDENT_CHARS.fullmatch(ident) is None:
+    if not _only(ident, _IDENT_CHARS):
         raise LocalProtocolError("request_id", "has a byte outside [0-9A-Za-z_.- ]")
     return ident.ljust(IDENT_SIZE, b"\0")
 
@@ -120,7 +132,7 @@ def check_ident_text(text: bytes, field: str = "request_id") -> bytes:
     """
     if len(text) >= IDENT_SIZE:
         raise RemoteProtocolError(field, f"longer than {IDENT_SIZE - 1} bytes")
-    if _IDENT_CHARS.fullmatch(text) is None:
+    if not _only(text, _IDENT_CHARS):
         raise RemoteProtocolError(field, "has a byte outside [0-9A-Za-z_.- ]")
     return text
 
@@ -139,14 +151,14 @@ def _padded_text(field: str, raw: bytes) -> bytes:
 # The daemon's character sets (wire-protocol.md §7.2 step 3). Where the
 # reference silently rewrites other bytes to "_", we refuse: a request that is
 # not what the VM asked for must not reach the policy under another name.
-_DOMAIN_CHARS: Final = re.compile(rb"[A-Za-z0-9_.\-@:]*")
-_SERVICE_CHARS: Final = re.compile(rb"[A-Za-z0-9_.\-+]+")
+_DOMAIN_CHARS: Final = _LETTERS + _DIGITS + b"_.-@:"
+_SERVICE_CHARS: Final = _LETTERS + _DIGITS + b"_.-+"
 
 
 def encode_domain(field: str, name: bytes, size: int) -> bytes:
     if len(name) >= size:
         raise LocalProtocolError(field, f"longer than {size - 1} bytes")
-    if _DOMAIN_CHARS.fullmatch(name) is None:
+    if not _only(name, _DOMAIN_CHARS):
         raise LocalProtocolError(field, "has a byte outside [A-Za-z0-9_.-@:]")
     return name.ljust(size, b"\0")
 
@@ -154,7 +166,7 @@ def encode_domain(field: str, name: bytes, size: int) -> bytes:
 def decode_domain(field: str, raw: bytes) -> bytes:
     """A NUL-terminated domain-name field; NUL padding is required after it."""
     name = _padded_text(field, raw)
-    if _DOMAIN_CHARS.fullmatch(name) is None:
+    if not _only(name, _DOMAIN_CHARS):
         raise RemoteProtocolError(field, "has a byte outside [A-Za-z0-9_.-@:]")
     return name
 
@@ -165,7 +177,7 @@ def service_name_problem(name: bytes) -> str | None:
         return "empty"
     if len(name) + 1 > MAX_SERVICE_NAME_LEN:
         return f"longer than {MAX_SERVICE_NAME_LEN - 1} bytes"
-    if _SERVICE_CHARS.fullmatch(name) is None:
+    if not _only(name, _SERVICE_CHARS):
         return "has a byte outside [A-Za-z0-9_.-+]"
     if name.startswith(b"+"):
         return "starts with '+'"

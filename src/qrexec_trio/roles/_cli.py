@@ -7,31 +7,24 @@ import contextlib
 import os
 import resource
 import signal
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Final, NoReturn
+from typing import Final
 
 import trio
 from trio.lowlevel import FdStream
 
-from .._logging import LEVELS, configure_logging, get_logger
+from .._logging import get_logger
 from ..nursery import one_error
 from ..xen import VchanError
+from ._options import logging_options
+from ._options import setup_logging as setup_logging  # noqa: PLC0414 (the programs' one import)
 
 
 def add_logging_options(parser: argparse.ArgumentParser, default: str = "info") -> None:
-    parser.add_argument(
-        "--log-level", choices=LEVELS, default=default, help=f"log threshold (default {default})"
-    )
-    parser.add_argument(
-        "--log-format", choices=("auto", "json", "console"), default="auto",
-        help="auto: console on a terminal, JSON lines elsewhere",
-    )
-
-
-def setup_logging(args: argparse.Namespace, program: str) -> None:
-    json = {"auto": None, "json": True, "console": False}[args.log_format]
-    configure_logging(args.log_level, json=json, program=program)
+    """The same options, for the long-lived programs' argparse parsers."""
+    for option in logging_options(default):
+        parser.add_argument(option.long or "", choices=option.choices, default=option.default,
+                            help=option.help)
 
 
 #: What stops a short-lived program: a terminal's hangup too.
@@ -77,14 +70,6 @@ def run_until_signal(
     if not received:
         return result
     return stopped_status if stopped_status is not None else 128 + received[0]
-
-
-class UsageExit1Parser(argparse.ArgumentParser):
-    """argparse, but usage errors exit 1 as the reference programs do (argparse uses 2)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(1, f"{self.prog}: error: {message}\n")
 
 
 @contextlib.asynccontextmanager

@@ -19,17 +19,14 @@ killed and the DispVM destroyed.
 from __future__ import annotations
 
 import contextlib
-import errno
 import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
-from typing import Final
 
 import trio
 
 from .._config import Timeouts
-from .._errors import QrexecError
 from .._logging import get_logger
 from .._sockets import connect_unix
 from ..domains import DispVMLedger, Domains, DomainsError, disposable
@@ -48,36 +45,23 @@ from ..protocol import (
     Direction,
     ExecCmdline,
     JustExec,
-    PortAssigned,
-    RemoteProtocolError,
     RpcCall,
     ServiceConnect,
     negotiate_version,
 )
 from ..services import Runner, rpc_config_path, service_path
 from ..xen import Vchan, VchanBackend
+from ._daemon_client import DOM0_NAMES as DOM0_NAMES  # noqa: PLC0414 (its users import it here)
+from ._daemon_client import ConnectError as ConnectError  # noqa: PLC0414
+from ._daemon_client import RequestRefused as RequestRefused  # noqa: PLC0414
+from ._daemon_client import TargetNotRunning as TargetNotRunning  # noqa: PLC0414
+from ._daemon_client import connect_failure, daemon_socket_path, port_from_reply
 from ._launch import hold_for_session, prepare, serve_prepared
 
 log = get_logger(__name__)
 
-#: Names that mean dom0 as a target.
-DOM0_NAMES: Final = ("dom0", "@adminvm", "uuid:00000000-0000-0000-0000-000000000000")
-
-
-class ConnectError(QrexecError):
-    """The connection could not be built; the message says why."""
-
-
-class TargetNotRunning(ConnectError):
-    """The target's qrexec-daemon is not there."""
-
-
 #: What a client asks a daemon for.
 DaemonRequest = ExecCmdline | JustExec | ServiceConnect
-
-
-class RequestRefused(ConnectError):
-    """The daemon closed the connection instead of answering (e.g. an unknown request id)."""
 
 
 async def open_daemon_request(
@@ -88,14 +72,11 @@ async def open_daemon_request(
     The caller owns the link's socket (it stays open for the whole call:
     the daemon closes it when the agent reports the connection terminated).
     """
-    path = os.path.join(socket_dir, f"qrexec.{target}")
+    path = daemon_socket_path(socket_dir, target)
     try:
         stream = await connect_unix(path, timeout=timeouts.handshake)
     except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
-            raise TargetNotRunning(
-                f"qrexec-daemon for {target!r} is not running ({path})") from exc
-        raise ConnectError(f"cannot connect to {path}: {exc.strerror}") from exc
+        raise connect_failure(path, target, exc) from exc
     link = FramedLink(stream, Direction.DAEMON_TO_CLIENT)
     try:
         with trio.fail_after(timeouts.handshake):
@@ -125,17 +106,7 @@ async def request_port(
     assert isinstance(stream, trio.SocketStream)
     try:
         with trio.fail_after(timeouts.handshake):
-            reply = await link.receive()
-        match reply:
-            case None:
-                raise RequestRefused(f"qrexec-daemon for {target!r} refused the request")
-            case PortAssigned(request_type, domain, port) if request_type == request.msg_type:
-                pass
-            case PortAssigned(request_type):
-                raise RemoteProtocolError(
-                    "reply.type", f"expected {request.msg_type.name}, got {request_type.name}")
-            case _:  # the reader lets nothing else through on this link
-                raise AssertionError(f"unexpected {reply!r}")
+            domain, port = port_from_reply(await link.receive(), request, target)
     except BaseException:
         with trio.CancelScope(shield=True):
             await stream.aclose()

@@ -50,11 +50,13 @@ longer unclaimed, or its sockets expired unclaimed).
 from __future__ import annotations
 
 import os
-import re
 import struct
-from typing import Final
 
 from ..protocol import LocalProtocolError, RemoteProtocolError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 DEFAULT_RUNTIME_DIR: Final = "/var/run/qubes"
 DEFAULT_SOCKET_NAME: Final = "qrexec-agent"
@@ -67,8 +69,8 @@ _IDENT_SIZE: Final = 32
 FIFO_RECORD_SIZE: Final = 128
 _FIFO_FIELDS: Final = (("service", 0, 64), ("target", 64, 96), ("cid", 96, 128))
 
-#: A CID is three canonical decimal numbers (no sign, no leading zeros).
-_CID: Final = re.compile(rb"(0|[1-9][0-9]{0,9}) (0|[1-9][0-9]{0,9}) (0|[1-9][0-9]{0,9})")
+#: The most digits one number of a CID may have.
+_CID_NUMBER_DIGITS: Final = 10
 
 
 def fdpass_path(agent_socket: str) -> str:
@@ -130,10 +132,17 @@ def parse_cid(text: bytes) -> tuple[int, int, int]:
     the request's ident."""
     if len(text) >= _IDENT_SIZE:
         raise RemoteProtocolError("cid", f"longer than {_IDENT_SIZE - 1} bytes")
-    match = _CID.fullmatch(text)
-    if match is None:
+    numbers = text.split(b" ")
+    if len(numbers) != 3 or not all(_is_canonical_number(n) for n in numbers):
         raise RemoteProtocolError("cid", "not three decimal numbers separated by single spaces")
-    fds = (int(match[1]), int(match[2]), int(match[3]))
+    fds = (int(numbers[0]), int(numbers[1]), int(numbers[2]))
     if len(set(fds)) != 3:
         raise RemoteProtocolError("cid", "the three numbers are not distinct")
     return fds
+
+
+def _is_canonical_number(text: bytes) -> bool:
+    """Decimal digits, no sign, no leading zero, at most 10 of them (bytes methods, not re:
+    the client imports this module)."""
+    return (0 < len(text) <= _CID_NUMBER_DIGITS and text.isdigit()
+            and (text[0] != ord("0") or len(text) == 1))

@@ -37,13 +37,13 @@ import structlog
 import trio
 
 from .._config import Timeouts
+from .._defaults import QUBESD_SOCKET_ENV
 from .._logging import get_logger
 from .._programs import program
 from ..domains import DEFAULT_QUBESD_SOCKET, DomainsError, QubesdDomains
 from ..policy import Verdict, is_request_id
 from ._cli import add_logging_options, run_until_signal, setup_logging
 from ._connect import DOM0_NAMES
-from .client import QUBESD_SOCKET_ENV
 from .daemon import DEFAULT_SOCKET_DIR
 from .policy_daemon import (
     DENY_RESPONSE,

@@ -1,17 +1,47 @@
 """vchan backends behind one async stream interface.
 
-Select with ``QREXEC_VCHAN=xen|shm|socket``. Only the ``socket`` backend
-exists so far; the cffi backends (``xen``, ``shm``) register here when they
-land. The default is the local backend.
+Select with ``QREXEC_VCHAN=xen|shm|socket`` (:func:`get_backend`). The names
+below are loaded on first use: the short-lived clients' blocking driver
+imports light modules of this package (:mod:`._offer`) and must not pay for
+trio, which every async backend needs.
 """
 
-from ._interface import Vchan as Vchan
-from ._interface import VchanBackend as VchanBackend
-from ._interface import VchanConnectTimeout as VchanConnectTimeout
-from ._interface import VchanError as VchanError
-from ._interface import VchanListener as VchanListener
-from ._interface import VchanWithdrawn as VchanWithdrawn
-from ._local import socket_name as socket_name
-from ._registry import available_backends as available_backends
-from ._registry import get_backend as get_backend
-from ._socket import SocketBackend as SocketBackend
+from __future__ import annotations
+
+import importlib
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ._interface import Vchan as Vchan
+    from ._interface import VchanBackend as VchanBackend
+    from ._interface import VchanConnectTimeout as VchanConnectTimeout
+    from ._interface import VchanError as VchanError
+    from ._interface import VchanListener as VchanListener
+    from ._interface import VchanWithdrawn as VchanWithdrawn
+    from ._offer import socket_name as socket_name
+    from ._registry import available_backends as available_backends
+    from ._registry import get_backend as get_backend
+    from ._socket import SocketBackend as SocketBackend
+
+#: Each public name and the private module that defines it.
+_WHERE = {
+    "Vchan": "._interface",
+    "VchanBackend": "._interface",
+    "VchanConnectTimeout": "._interface",
+    "VchanError": "._interface",
+    "VchanListener": "._interface",
+    "VchanWithdrawn": "._interface",
+    "socket_name": "._offer",
+    "available_backends": "._registry",
+    "get_backend": "._registry",
+    "SocketBackend": "._socket",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # once loaded, a plain attribute
+    return value

@@ -23,23 +23,9 @@ import abc
 
 import trio
 
-from .._errors import QrexecError
-
-
-class VchanError(QrexecError):
-    """A vchan could not be set up (bad name, port in use, backend missing)."""
-
-
-class VchanConnectTimeout(VchanError, TimeoutError):
-    """The other side did not show up in time."""
-
-
-class VchanWithdrawn(VchanError):
-    """The server withdrew its offer, or died, before the client connected.
-
-    Raised at once, not at the end of the connect timeout: the vchan will not
-    be served. The local backends tell it; libxenvchan cannot.
-    """
+from ._errors import VchanConnectTimeout as VchanConnectTimeout  # noqa: PLC0414
+from ._errors import VchanError as VchanError  # noqa: PLC0414
+from ._errors import VchanWithdrawn as VchanWithdrawn  # noqa: PLC0414
 
 
 class Vchan(trio.abc.Stream):

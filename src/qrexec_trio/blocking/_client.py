@@ -1,0 +1,71 @@
+"""qrexec-client's dom0 -> VM calls through the blocking driver.
+
+``-d VM [-e] [-t] [-T] [-E] [-p DATA] [-w SEC] USER:CMDLINE`` with our own
+stdio: ask the VM's daemon for a data port, serve the data vchan on it, run
+the caller's side of the call. What this driver does not run (``-l``,
+``-c``, ``-k``, ``--use-stdin-socket``, dom0 targets, a ring vchan backend)
+is named by :func:`fast_path_problem` and goes to the trio implementation.
+"""
+
+from __future__ import annotations
+
+from _socket import socket as raw_socket
+
+from .._ids import call_id
+from .._logging import bind_context, get_logger
+from ..protocol import CallerSession, ExecCmdline, JustExec, caller_exit_code
+from ..roles._daemon_client import DOM0_NAMES, request_port_blocking
+from ._client_vm import close_stdout
+from ._io import CallerLoop, exchange_hello
+from ._vchan import backend_problem, serve_one
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .._config import Timeouts
+    from ..roles._options import Namespace
+
+log = get_logger(__name__)
+
+
+def fast_path_problem(args: Namespace) -> str | None:
+    """Why this call needs the trio implementation (None: this driver runs it)."""
+    for given, what in ((args.local_command is not None, "-l"),
+                        (args.connect_existing is not None, "-c"),
+                        (args.kill, "-k"), (args.use_stdin_socket, "--use-stdin-socket"),
+                        (args.target in DOM0_NAMES, "a dom0 target")):
+        if given:
+            return what
+    return backend_problem()
+
+
+def run(args: Namespace, timeouts: Timeouts) -> int:
+    """Run a dom0 -> VM call; its exit status (the reference's rules, as the trio path)."""
+    cmdline = args.cmdline.encode("utf-8", "surrogateescape")
+    request = JustExec(0, 0, cmdline) if args.just_exec else ExecCmdline(0, 0, cmdline)
+    daemon, domid, port = request_port_blocking(args.socket_dir, args.target, request,
+                                                timeouts, raw_socket)
+    # The call's id, as the daemon and the agent name it too (nursery.call_id).
+    bind_context(call=call_id(domid, port))
+    # The socket stays open for the whole call: the daemon closes it at the call's end.
+    try:
+        log.debug("got data port", domid=domid, port=port)
+        vchan = serve_one(domid, port, timeout=args.connect_timeout)
+        try:
+            reader = exchange_hello(vchan, timeout=timeouts.handshake)
+            assert reader.version is not None
+            session = CallerSession(reader.version, filter_output=args.filter_stdout,
+                                    filter_errors=args.filter_stderr)
+            loop = CallerLoop(vchan, reader, session, input_fd=0, output_fd=1, errors_fd=2,
+                              close_output=close_stdout,
+                              prefix=args.prefix_data.encode("utf-8", "surrogateescape"))
+            status = loop.run()
+            loop.finish_input(timeouts.send_finish)
+        finally:
+            vchan.close()
+    finally:
+        daemon.close()
+    if status is None:
+        log.warning("data vchan closed before the exit code")
+    if args.no_exit_code and status is not None:
+        return 0
+    return caller_exit_code(status, None)
