@@ -7,6 +7,39 @@ The layers, from the bottom up (imports point downwards only):
 - :mod:`qrexec_trio.nursery`: structured-concurrency building blocks
   (framed links, the data pump, child processes).
 - :mod:`qrexec_trio.roles`: the programs (daemon, client, agent, ...).
+
+For Python programs, the call API: :func:`call` (trio) and
+:func:`call_blocking`, with :class:`Capture` and the exceptions they raise.
+They are imported on first use, so that importing this package (as every
+short-lived client does) does not import trio.
 """
 
+# No __future__ or typing import (typing.TYPE_CHECKING): every client imports
+# this package first, so it imports nothing at all.
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ imports them
+    from ._api import AgentNotRunning as AgentNotRunning
+    from ._api import CallError as CallError
+    from ._api import CallLost as CallLost
+    from ._api import CallRefused as CallRefused
+    from ._api import Capture as Capture
+    from ._api import TargetNotRunning as TargetNotRunning
+    from ._api import call as call
+    from ._api import call_blocking as call_blocking
+
 __version__ = "0.1.0.dev0"
+
+_API = frozenset({"call", "call_blocking", "Capture", "CallError", "CallRefused",
+                  "AgentNotRunning", "TargetNotRunning", "CallLost"})
+
+
+def __getattr__(name: str) -> object:
+    if name in _API:
+        from . import _api  # noqa: PLC0415 (imports trio: only when the API is used)
+
+        return getattr(_api, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_API})
