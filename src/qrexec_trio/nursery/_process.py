@@ -119,6 +119,38 @@ async def _close_pipes(proc: trio.Process) -> None:
             await trio.aclose_forcefully(stream)
 
 
+def identity_changes(user: int | None, group: int | None,
+                     extra_groups: Sequence[int] | None) -> dict[str, Any]:
+    """subprocess's ``user``/``group``/``extra_groups`` options, or none if the
+    switch would leave this process's identity as it is.
+
+    Asking subprocess for any of them makes it fork the whole program rather
+    than vfork it (set*id calls in a vfork child are unsafe): the kernel then
+    copies the page tables of a 30 MiB interpreter and both sides take
+    copy-on-write faults until the exec, most of what starting a service costs
+    the agent. A switch to the ids this process already has (real, effective
+    and saved) with the same groups changes nothing the service could be
+    allowed or refused, so it is left out. "The same groups": supplementary
+    groups compared with the primary group counted in, as the kernel checks
+    them (root's ``getgrouplist`` gives ``[0]``, a root daemon's own list is
+    usually empty; both mean group 0 only).
+    """
+    options: dict[str, Any] = {}
+    if user is not None:
+        options["user"] = user
+    if group is not None:
+        options["group"] = group
+    if extra_groups is not None:
+        options["extra_groups"] = list(extra_groups)
+    uids, gids = os.getresuid(), os.getresgid()
+    same_user = user is None or uids == (user, user, user)
+    same_group = group is None or gids == (group, group, group)
+    primary = gids[1]
+    same_groups = extra_groups is None or (
+        set(extra_groups) | {primary}) == (set(os.getgroups()) | {primary})
+    return {} if same_user and same_group and same_groups else options
+
+
 @asynccontextmanager
 async def child_process(
     argv: Sequence[str | bytes],
@@ -142,13 +174,6 @@ async def child_process(
     when it does not exist). On a normal exit from the scope, a child that is
     still running is terminated too: a connection never leaves one behind.
     """
-    options: dict[str, Any] = {}
-    if user is not None:
-        options["user"] = user
-    if group is not None:
-        options["group"] = group
-    if extra_groups is not None:
-        options["extra_groups"] = list(extra_groups)
     proc = await trio.lowlevel.open_process(
         list(argv),
         stdin=stdin,
@@ -160,7 +185,7 @@ async def child_process(
         process_group=0,
         close_fds=True,
         pass_fds=tuple(pass_fds),
-        **options,
+        **identity_changes(user, group, extra_groups),
     )
     if ledger is not None:
         ledger.record(proc.pid)

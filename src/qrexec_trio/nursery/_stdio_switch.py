@@ -16,6 +16,7 @@ the agent itself.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import signal
 import subprocess
@@ -70,6 +71,12 @@ class StdioSwitch:
             self.reading.cancel()
 
 
+@functools.cache
+def _sleep_program() -> str:
+    """Where ``sleep`` is: looked up once (a PATH walk is a few stats, per call)."""
+    return shutil.which("sleep") or "sleep"
+
+
 @asynccontextmanager
 async def stdio_switch(timeouts: Timeouts, ledger: GroupLedger | None = None
                        ) -> AsyncIterator[StdioSwitch]:
@@ -80,7 +87,7 @@ async def stdio_switch(timeouts: Timeouts, ledger: GroupLedger | None = None
     a connection releases this resource from its own shielded scope, and a
     nursery opened before that scope could not be closed inside it.
     """
-    async with child_process(list(_CATCHER_ARGV), executable=shutil.which("sleep") or "sleep",
+    async with child_process(list(_CATCHER_ARGV), executable=_sleep_program(),
                              timeouts=timeouts, ledger=ledger,
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL) as catcher:

@@ -8,30 +8,28 @@ only reads a non-blocking file descriptor that is empty unless something
 changed. When it is not empty, the cache does what it always did (compare
 signatures, re-parse what changed).
 
-inotify is reached through cffi in ABI mode (libc, no compiler), the
-project's existing dependency. Where it cannot be used (no inotify, a watch
-limit reached), :func:`open_watcher` returns ``None`` and the cache stats as
-before.
+inotify is reached through ctypes (libc's two functions; no compiler).
+Not cffi's ABI mode: its ``cdef`` parses C with pycparser, which stayed
+loaded for the daemon's whole life (1.4 MiB of a daemon at rest,
+bench/bench_daemon_memory.py), where ctypes is already loaded by trio. Where
+inotify cannot be used (none, a watch limit reached), :func:`open_watcher`
+returns ``None`` and the cache stats as before.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import os
 import weakref
 from collections.abc import Iterable
-from typing import Any, Final
+from typing import Final
 
 import structlog
-from cffi import FFI  # type: ignore[import-untyped, unused-ignore]
 
 log = structlog.get_logger(__name__)
 
-_CDEF: Final = """
-int inotify_init1(int flags);
-int inotify_add_watch(int fd, const char *pathname, uint32_t mask);
-"""
 _IN_NONBLOCK: Final = os.O_NONBLOCK
 _IN_CLOEXEC: Final = os.O_CLOEXEC
 # Anything that can change what a directory's entries are or contain.
@@ -48,13 +46,17 @@ _MASK: Final = (
 )
 
 
-
 @functools.cache
-def _load_libc() -> tuple[Any, Any]:
-    """cffi's FFI and libc, loaded on first use (the daemon may never need them)."""
-    ffi = FFI()
-    ffi.cdef(_CDEF)
-    return ffi, ffi.dlopen(None)
+def _load_libc() -> ctypes.CDLL:
+    """libc with the two inotify calls typed, loaded on first use.
+
+    Raises ``AttributeError`` if this libc has no inotify."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.inotify_init1.argtypes = [ctypes.c_int]
+    libc.inotify_init1.restype = ctypes.c_int
+    libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
+    libc.inotify_add_watch.restype = ctypes.c_int
+    return libc
 
 
 class Watcher:
@@ -81,10 +83,10 @@ class Watcher:
                 wanted.add(_existing_ancestor(os.path.dirname(place) or "/"))
                 if os.path.isdir(place):
                     wanted.add(place)
-        ffi, libc = _load_libc()
+        libc = _load_libc()
         for directory in sorted(wanted - self._watched):
-            if libc.inotify_add_watch(self._fd, directory.encode(), _MASK) < 0:
-                error = ffi.errno
+            if libc.inotify_add_watch(self._fd, os.fsencode(directory), _MASK) < 0:
+                error = ctypes.get_errno()
                 if error in (errno.ENOENT, errno.ENOTDIR):
                     continue  # gone meanwhile: its parent's watch reports that
                 log.warning("cannot watch policy directory; checking files on each call",
@@ -117,13 +119,13 @@ def _existing_ancestor(path: str) -> str:
 def open_watcher() -> Watcher | None:
     """A new watcher, or ``None`` where inotify is not available."""
     try:
-        ffi, libc = _load_libc()
-    except (ImportError, OSError, AttributeError) as exc:
+        libc = _load_libc()
+    except (OSError, AttributeError) as exc:
         log.info("inotify not available; checking policy files on each call", error=str(exc))
         return None
     fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
     if fd < 0:
         log.info("inotify not available; checking policy files on each call",
-                 error=os.strerror(ffi.errno))
+                 error=os.strerror(ctypes.get_errno()))
         return None
     return Watcher(int(fd))
