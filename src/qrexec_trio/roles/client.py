@@ -27,6 +27,7 @@ import sys
 from .._config import Timeouts
 from .._defaults import DAEMON_SOCKET_DIR, QUBESD_SOCKET, QUBESD_SOCKET_ENV
 from .._errors import QrexecError
+from .._logging import get_logger
 from ..blocking import Stopped, client_problem, run_client_call, stop_on_signals
 from ..protocol import ExitStatus
 from ._daemon_client import DOM0_NAMES
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
 DEFAULT_SOCKET_DIR = DAEMON_SOCKET_DIR
+
+log = get_logger(__name__)
 
 
 def build_parser() -> Parser:
@@ -91,12 +94,14 @@ def _connect_timeout(value: float | None, timeouts: Timeouts) -> float:
 def _run(args: Namespace, timeouts: Timeouts) -> int:
     """The call, by the blocking driver where it can (a trivial dom0 -> VM call then
     loads neither trio nor structlog), else by trio."""
-    if client_problem(args) is None:
+    problem = client_problem(args)
+    if problem is None:
         try:
             return run_client_call(args, timeouts)
         except (QrexecError, TimeoutError) as exc:
             print(f"qrexec-client: {exc or type(exc).__name__}", file=sys.stderr)
             return int(ExitStatus.PROBLEM)
+    log.debug("the trio driver runs this call", why=problem)
     from . import _client_trio  # noqa: PLC0415 (loaded only for the calls that need it)
 
     return _client_trio.run(args, timeouts)

@@ -137,10 +137,13 @@ def _default_filters(args: Namespace) -> None:
 def run(args: Namespace, timeouts: Timeouts) -> int:
     """The call, by the blocking driver where it can (a trivial call then loads neither
     trio nor structlog), else by trio."""
-    if client_vm_problem(args) is None:
+    problem = client_vm_problem(args)
+    if problem is None:
         status = run_client_vm_call(args, timeouts)
         if status is not None:
             return status
+        problem = "its data vchan's backend"
+    log.debug("the trio driver runs this call", why=problem)
     from . import _client_vm_trio  # noqa: PLC0415 (loaded only for the calls that need it)
 
     return _client_vm_trio.run(args, timeouts)
