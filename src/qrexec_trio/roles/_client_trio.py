@@ -1,24 +1,7 @@
-"""qrexec-client through trio: what the blocking driver does not run.
-
-The modes of dom0's client (wire-protocol.md §7.1, §7.3, §7.4, §13.1).
-
-Four ways to use it, as the reference's:
-
-* ``-d VM CMDLINE``: run a command in a VM. Ask the VM's daemon for a data
-  port, offer the data vchan on it, and once the agent connected stream
-  stdin/stdout/stderr both ways; exit with the remote exit code as soon as it
-  arrives (stdin may still be open), closing our stdout at the remote's
-  stdout EOF. ``-k`` kills the VM afterwards (qubesd ``admin.vm.Kill``).
-* ``-d dom0 -c REQ,SRC,SRCID CMDLINE``: answer a VM's pending request with a
-  dom0 command: a ``QUBESRPC`` service line (run with the same service code
-  as a VM's agent) or any plain command (run with bash); what cannot run is
-  reported to the VM on the data vchan (exit code 125 or 127), never left
-  hanging.
-* ``-d VM -c REQ,SRC,SRCID USER:CMDLINE``: connect a VM's pending request to
-  a service in another VM, directly between the two VMs as the reference
-  does; ``-W`` waits for the connection's end.
-* ``-d dom0 DEFAULT:QUBESRPC SVC[+ARG] SRC``: a dom0 to dom0 service call,
-  run in place (we become the service).
+"""qrexec-client through trio: every mode of dom0's client (see :mod:`.client`) that
+the blocking driver does not run: ``-l``, ``-c`` (answering a VM's pending request in
+dom0 or with a service in another VM), ``-k``, ``--use-stdin-socket``, dom0 to dom0,
+and data vchans on a backend the blocking driver cannot serve.
 """
 
 from __future__ import annotations

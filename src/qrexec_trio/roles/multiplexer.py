@@ -14,10 +14,13 @@ from __future__ import annotations
 import errno
 import os
 import sys
-from collections.abc import Sequence
 
 from ..protocol import ExitStatus, ProtocolError, RpcCall, parse_cmdline
 from ..services import LaunchError, ProgramPlan, Runner, service_path
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 USAGE = "usage: qubes-rpc-multiplexer SERVICE[+ARG] SOURCE [name|keyword TARGET]"
 

@@ -9,17 +9,23 @@ problem (exit 125), and no handler at all is "not found" (exit 127).
 
 from __future__ import annotations
 
-import enum
 import errno
-import ipaddress
 import os
 import stat
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Final
 
 from .._errors import QrexecError
-from ..protocol import MAX_SERVICE_BASENAME_LEN, ExitStatus, RpcCall
+
+# Light enum and record, typing only for type checkers: the multiplexer imports
+# this module on every call (issue 14).
+from .._light import Enum, frozen_record
+from ..protocol import MAX_SERVICE_BASENAME_LEN, ExitStatus
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+    from typing import Final
+
+    from ..protocol import RpcCall
 
 DEFAULT_SERVICE_PATH: Final = "/run/qubes-rpc:/usr/local/etc/qubes-rpc:/etc/qubes-rpc"
 
@@ -33,7 +39,7 @@ class LaunchError(QrexecError):
         self.reason = reason
 
 
-class ServiceKind(enum.Enum):
+class ServiceKind(Enum):
     EXECUTABLE = "executable"
     SOCKET = "socket"
     #: A symlink to ``/dev/tcp``, ``/dev/tcp/HOST`` or ``/dev/tcp/HOST/PORT``.
@@ -42,7 +48,7 @@ class ServiceKind(enum.Enum):
     SCRIPT = "script"
 
 
-@dataclass(frozen=True, slots=True)
+@frozen_record
 class FoundService:
     path: str
     kind: ServiceKind
@@ -67,6 +73,8 @@ def _tcp_link(path: str) -> str | None:
 
 def _numeric_host(host: str, service: str) -> str:
     """``host`` as a numeric IPv4 or IPv6 address (``[v6]`` accepted); else 125."""
+    import ipaddress  # noqa: PLC0415 (TCP services only: kept off the multiplexer's start-up)
+
     bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     try:
         address = ipaddress.ip_address(bare)

@@ -8,21 +8,28 @@ the caller can report the right exit code without starting anything.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import pwd
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 
-from ..protocol import Cmdline, ExitStatus, RpcCall, ShellCommand
+# Light records, typing only for type checkers: the multiplexer imports this
+# module on every call (issue 14).
+from .._light import frozen_record, replace
+from ..protocol import ExitStatus, ShellCommand
 from ._lookup import LaunchError, ServiceKind, find_service, tcp_address
 from ._service_config import DEFAULT_CONFIG, ServiceConfig
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+    from typing import Final
+
+    from ..protocol import Cmdline, RpcCall
 
 # Environment variables a service may inherit from the agent's QREXEC_* set.
 _KEPT_QREXEC_VARS = frozenset({"QREXEC_SERVICE_PATH", "QREXEC_AGENT_PID"})
 
 
-@dataclass(frozen=True, slots=True)
+@frozen_record
 class Identity:
     """Who a command runs as. ``uid is None`` means "as this process"."""
 
@@ -34,7 +41,7 @@ class Identity:
     shell: str = "/bin/sh"
 
 
-@dataclass(frozen=True, slots=True)
+@frozen_record
 class ProgramPlan:
     argv: list[str]
     env: dict[str, str]
@@ -45,7 +52,7 @@ class ProgramPlan:
     what: str = ""
 
 
-@dataclass(frozen=True, slots=True)
+@frozen_record
 class SocketPlan:
     """A unix-socket service: connect to ``path``."""
 
@@ -60,7 +67,7 @@ class SocketPlan:
     exit_on_client_eof: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@frozen_record
 class TcpPlan:
     """A TCP service (a symlink to ``/dev/tcp/...``): connect to ``host``:``port``."""
 
@@ -91,22 +98,43 @@ CALL_ID_ENV = "QREXEC_CALL_ID"
 def with_call_id(plan: Plan, call: str) -> Plan:
     """``plan`` with the call id in its environment (a socket service has none)."""
     if isinstance(plan, ProgramPlan):
-        return dataclasses.replace(plan, env={**plan.env, CALL_ID_ENV: call})
+        return replace(plan, env={**plan.env, CALL_ID_ENV: call})
     return plan
 
 
-@dataclass(frozen=True, slots=True)
 class Runner:
-    """How this process runs commands: its service path and its own identity."""
+    """How this process runs commands: its service path and its own identity.
 
-    directories: Sequence[str]
-    base_env: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
-    euid: int = field(default_factory=os.geteuid)
-    #: Run non-executable handler files with /bin/sh, as R2's multiplexer did.
-    allow_scripts: bool = False
-    #: The shell for plain commands when no user switch is needed (dom0's
-    #: reference client runs them with bash; a VM's agent with /bin/sh).
-    shell: str = "/bin/sh"
+    A plain class, not a record: two defaults are this process's, read when a
+    runner is made (a light record has constant defaults only).
+    """
+
+    __slots__ = ("allow_scripts", "base_env", "directories", "euid", "shell")
+
+    def __init__(
+        self,
+        directories: Sequence[str],
+        base_env: Mapping[str, str] | None = None,
+        euid: int | None = None,
+        allow_scripts: bool = False,
+        shell: str = "/bin/sh",
+    ) -> None:
+        self.directories: Final = directories
+        #: The environment commands start from; by default a copy of this process's.
+        self.base_env: Final[Mapping[str, str]] = (
+            dict(os.environ) if base_env is None else base_env)
+        #: Who this process is; by default its effective uid.
+        self.euid: Final[int] = os.geteuid() if euid is None else euid
+        #: Run non-executable handler files with /bin/sh, as R2's multiplexer did.
+        self.allow_scripts: Final = allow_scripts
+        #: The shell for plain commands when no user switch is needed (dom0's
+        #: reference client runs them with bash; a VM's agent with /bin/sh).
+        self.shell: Final = shell
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in (
+            "directories", "base_env", "euid", "allow_scripts", "shell"))
+        return f"Runner({fields})"
 
     def identity_for(self, user: str | None) -> Identity:
         """As root: the requested user. Otherwise only ourselves (else 125)."""

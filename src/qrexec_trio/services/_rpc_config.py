@@ -17,11 +17,17 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
 
 from .._errors import QrexecError
+
+# A light record: the multiplexer imports this module (through the package) on
+# every call (issue 14).
+from .._light import frozen_record, replace
 from ._service_config import DEFAULT_CONFIG, ServiceConfig
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping, Sequence
 
 #: Where the files live when ``QUBES_RPC_CONFIG_PATH`` is not set.
 DEFAULT_RPC_CONFIG_PATH = "/etc/qubes/rpc-config"
@@ -69,12 +75,12 @@ class RpcConfigError(QrexecError):
         return text if self.key is None else f"{text} (key {self.key!r})"
 
 
-@dataclass(frozen=True, slots=True)
+@frozen_record
 class ParsedConfig:
     """A valid file: its configuration and the lines the reference only warns about."""
 
     config: ServiceConfig
-    warnings: tuple[str, ...] = field(default=())
+    warnings: tuple[str, ...] = ()
 
 
 # --- values -------------------------------------------------------------------------

@@ -6,10 +6,11 @@ this; the launch plans and the agent act on it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+# A light record, not a dataclass: the multiplexer imports this on every call (issue 14).
+from .._light import frozen_record
 
 
-@dataclass(frozen=True, slots=True)
+@frozen_record
 class ServiceConfig:
     """A service's per-service configuration; the defaults are a service without a file."""
 
