@@ -25,9 +25,14 @@ LIGHT_MODULES = [
     "qrexec_trio._logging",
     "qrexec_trio._errors",
     "qrexec_trio.roles._vm_local",
+    # The blocking driver's data vchan, and what it loads for the ring backends.
+    "qrexec_trio.blocking._vchan",
+    "qrexec_trio.xen._shm_driver",
+    "qrexec_trio.xen._xen_driver",
     # The client programs themselves: a trivial call runs on these alone.
     "qrexec_trio.roles.client_vm",
     "qrexec_trio.roles.client",
+    "qrexec_trio.roles.multiplexer",
 ]
 
 #: Modules too slow to import for a client's start-up (or that pull such modules in).

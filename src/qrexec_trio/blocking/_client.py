@@ -3,7 +3,8 @@
 ``-d VM [-e] [-t] [-T] [-E] [-p DATA] [-w SEC] USER:CMDLINE`` with our own
 stdio: ask the VM's daemon for a data port, serve the data vchan on it, run
 the caller's side of the call. What this driver does not run (``-l``,
-``-c``, ``-k``, ``--use-stdin-socket``, dom0 targets, a ring vchan backend)
+``-c``, ``-k``, ``--use-stdin-socket``, dom0 targets, a vchan backend whose
+extension is not built)
 is named by :func:`fast_path_problem` and goes to the trio implementation.
 """
 
@@ -13,11 +14,10 @@ from _socket import socket as raw_socket
 
 from .._ids import call_id
 from .._logging import bind_context, get_logger
-from ..protocol import CallerSession, ExecCmdline, JustExec, caller_exit_code
+from ..protocol import ExecCmdline, JustExec, caller_exit_code
 from ..roles._daemon_client import DOM0_NAMES, request_port_blocking
-from ._client_vm import close_stdout
-from ._io import CallerLoop, exchange_hello
-from ._vchan import backend_problem, serve_one
+from ._io import call_with_stdio
+from ._vchan import backend_problem
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -49,19 +49,11 @@ def run(args: Namespace, timeouts: Timeouts) -> int:
     # The socket stays open for the whole call: the daemon closes it at the call's end.
     try:
         log.debug("got data port", domid=domid, port=port)
-        vchan = serve_one(domid, port, timeout=args.connect_timeout)
-        try:
-            reader = exchange_hello(vchan, timeout=timeouts.handshake)
-            assert reader.version is not None
-            session = CallerSession(reader.version, filter_output=args.filter_stdout,
-                                    filter_errors=args.filter_stderr)
-            loop = CallerLoop(vchan, reader, session, input_fd=0, output_fd=1, errors_fd=2,
-                              close_output=close_stdout,
-                              prefix=args.prefix_data.encode("utf-8", "surrogateescape"))
-            status = loop.run()
-            loop.finish_input(timeouts.send_finish)
-        finally:
-            vchan.close()
+        status = call_with_stdio(domid, port, accept_timeout=args.connect_timeout,
+                                 timeouts=timeouts,
+                                 prefix=args.prefix_data.encode("utf-8", "surrogateescape"),
+                                 filter_output=args.filter_stdout,
+                                 filter_errors=args.filter_stderr)
     finally:
         daemon.close()
     if status is None:

@@ -2,17 +2,16 @@
 
 Either way of asking the agent (:mod:`qrexec_trio.roles._vm_call`), with our
 own stdin, stdout and stderr; what this driver does not run (a local PROG,
-``--use-stdin-socket``, a ring vchan backend on the trigger-socket path) is
-named by :func:`fast_path_problem` and goes to the trio implementation.
+``--use-stdin-socket``, a vchan backend it cannot drive on the trigger-socket
+path) is named by :func:`fast_path_problem` and goes to the trio implementation.
 """
 
 from __future__ import annotations
 
-import os
 from _socket import socket as raw_socket
 
 from .._logging import get_logger
-from ..protocol import CallerSession, caller_exit_code
+from ..protocol import caller_exit_code
 from ..roles._vm_call import (
     R2,
     TRIGGER,
@@ -22,10 +21,11 @@ from ..roles._vm_call import (
     prefix_data,
     r2_request,
     request_frame,
+    ring_size,
 )
-from ._io import CallerLoop, exchange_hello
+from ._io import call_with_stdio, close_stdout
 from ._relay import RefusedByAgent, r2_relay
-from ._vchan import backend_problem, serve_one
+from ._vchan import backend_problem
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -33,15 +33,6 @@ if TYPE_CHECKING:
     from ..roles._options import Namespace
 
 log = get_logger(__name__)
-
-
-def close_stdout() -> None:
-    """End our output for its reader: fd 1 itself is closed; /dev/null keeps the number."""
-    null = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(null, 1)
-    finally:
-        os.close(null)
 
 
 def fast_path_problem(args: Namespace) -> str | None:
@@ -88,18 +79,12 @@ def _trigger_call(args: Namespace, frame: bytes, timeouts: Timeouts) -> int:
     # The socket stays open for the whole call: closing it tells the agent we are done.
     try:
         log.debug("serving the data vchan", domain=domain, port=port)
-        vchan = serve_one(domain, port, timeout=timeouts.data_vchan_connect)
-        try:
-            reader = exchange_hello(vchan, timeout=timeouts.handshake)
-            assert reader.version is not None
-            session = CallerSession(reader.version, filter_output=args.filter_stdout,
-                                    filter_errors=args.filter_stderr)
-            loop = CallerLoop(vchan, reader, session, input_fd=0, output_fd=1, errors_fd=2,
-                              close_output=close_stdout, prefix=prefix_data(args))
-            status = loop.run()
-            loop.finish_input(timeouts.send_finish)
-        finally:
-            vchan.close()
+        status = call_with_stdio(domain, port, accept_timeout=timeouts.data_vchan_connect,
+                                 timeouts=timeouts, prefix=prefix_data(args),
+                                 filter_output=args.filter_stdout,
+                                 filter_errors=args.filter_stderr,
+                                 # --buffer-size, as the trio path sizes the rings
+                                 ring=ring_size(args.buffer_size))
     finally:
         trigger.close()
     return caller_exit_code(status, None)

@@ -17,6 +17,7 @@ from fcntl import F_GETFL, F_SETFL, fcntl
 
 from ..protocol import (
     CLOSE_OUTPUT,
+    DATA_RING_SIZE,
     FINISHED,
     HEADER_SIZE,
     PROTOCOL_VERSION,
@@ -29,32 +30,80 @@ from ..protocol import (
     RemoteProtocolError,
     negotiate_version,
 )
-from ._vchan import BlockingVchan, PeerGone
+from ._vchan import PeerGone, serve_one
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
+    from .._config import Timeouts
     from ..protocol import Event
+    from ._vchan import DataVchan
 
 IN: int = select.POLLIN | select.POLLHUP | select.POLLERR
 OUT: int = select.POLLOUT | select.POLLHUP | select.POLLERR
+
+
+def write_some(fd: int, left: memoryview) -> memoryview | None:
+    """Write what ``fd`` takes now of ``left``; what is left to write, or None if the
+    reader went away (it gets nothing more: the call goes on, as the reference's)."""
+    try:
+        return left[os.write(fd, left):]
+    except BlockingIOError:
+        return left
+    except OSError:
+        return None
 
 
 class HandshakeTimeout(TimeoutError):
     """The peer sent no HELLO in time."""
 
 
-def wait(fds: dict[int, int], deadline: float | None) -> dict[int, int]:
-    """poll() the ``fds`` (fd -> events); what happened, {} at the deadline."""
+def wait(fds: dict[int, int], deadline: float | None, *, look_only: bool = False
+         ) -> dict[int, int]:
+    """poll() the ``fds`` (fd -> events); what happened, {} at the deadline.
+    ``look_only``: do not wait at all."""
     poller = select.poll()
     for fd, events in fds.items():
         poller.register(fd, events)
-    timeout = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+    if look_only:
+        timeout: int | None = 0
+    else:
+        timeout = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
     return dict(poller.poll(timeout))
 
 
-def _events(reader: MessageReader, vchan: BlockingVchan,
+def poll_round(vchan: DataVchan, local: dict[int, int], deadline: float | None, *,
+               reading: bool, writing: bool) -> tuple[int, dict[int, int]]:
+    """One poll() of the vchan (to receive and/or send) and the ``local`` fds (fd ->
+    events): what the vchan can do now (poll bits: POLLIN receive, POLLOUT send,
+    see ``ready``), and what happened to the local fds.
+
+    A ring vchan may be able to go on without an event (data or room it had
+    before we looked): then the poll only looks, so the local fds get their turn.
+    """
+    fd = vchan.fileno()
+    now = vchan.ready(0, reading=reading, writing=writing)
+    wanted = dict(local)
+    wanted[fd] = wanted.get(fd, 0) | vchan.poll_mask(reading=reading, writing=writing)
+    happened = wait(wanted, deadline, look_only=bool(now))
+    revents = happened.pop(fd, 0)
+    return now | vchan.ready(revents, reading=reading, writing=writing), happened
+
+
+def _wait_vchan(vchan: DataVchan, deadline: float | None, *, reading: bool = False,
+                writing: bool = False) -> bool:
+    """Until the vchan can receive (``reading``) or send (``writing``); False at the
+    deadline."""
+    while True:
+        can, _ = poll_round(vchan, {}, deadline, reading=reading, writing=writing)
+        if can:
+            return True
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+
+
+def _events(reader: MessageReader, vchan: DataVchan,
             deadline: float | None) -> Iterator[Event | None]:
     """The reader's events as they come (None: the vchan ended between messages)."""
     while True:
@@ -65,7 +114,7 @@ def _events(reader: MessageReader, vchan: BlockingVchan,
         if reader.at_clean_eof:
             yield None
             return
-        if not wait({vchan.fileno(): vchan.poll_mask(reading=True, writing=False)}, deadline):
+        if not _wait_vchan(vchan, deadline, reading=True):
             raise HandshakeTimeout("no HELLO from the service side in time")
         data = vchan.receive()
         if data == b"":
@@ -74,15 +123,15 @@ def _events(reader: MessageReader, vchan: BlockingVchan,
             reader.feed(data)
 
 
-def _send_all(vchan: BlockingVchan, data: bytes, deadline: float | None) -> None:
+def _send_all(vchan: DataVchan, data: bytes, deadline: float | None) -> None:
     view = memoryview(data)
     while view:
-        if not wait({vchan.fileno(): vchan.poll_mask(reading=False, writing=True)}, deadline):
+        if not _wait_vchan(vchan, deadline, writing=True):
             raise HandshakeTimeout("the service side does not read its data vchan")
         view = view[vchan.send(view):]
 
 
-def exchange_hello(vchan: BlockingVchan, *, timeout: float) -> MessageReader:
+def exchange_hello(vchan: DataVchan, *, timeout: float) -> MessageReader:
     """Send our HELLO, take the peer's; the reader for the rest of the call."""
     deadline = time.monotonic() + timeout
     _send_all(vchan, Hello(PROTOCOL_VERSION).encode(), deadline)
@@ -132,7 +181,7 @@ class NonBlocking:
 class CallerLoop:
     """The data phase of one call on the caller's side, driven by poll()."""
 
-    def __init__(self, vchan: BlockingVchan, reader: MessageReader, session: CallerSession,
+    def __init__(self, vchan: DataVchan, reader: MessageReader, session: CallerSession,
                  *, input_fd: int | None, output_fd: int, errors_fd: int | None,
                  close_output: Callable[[], None], prefix: bytes = b"") -> None:
         self._vchan = vchan
@@ -172,9 +221,7 @@ class CallerLoop:
         self._to_vchan += self._session.frame_input_end()
         deadline = time.monotonic() + timeout
         try:
-            while self._to_vchan and wait(
-                    {self._vchan.fileno(): self._vchan.poll_mask(reading=False, writing=True)},
-                    deadline):
+            while self._to_vchan and _wait_vchan(self._vchan, deadline, writing=True):
                 del self._to_vchan[:self._vchan.send(self._to_vchan)]
         except PeerGone:
             pass
@@ -203,42 +250,33 @@ class CallerLoop:
         return True
 
     def _step(self) -> None:
-        vchan_fd = self._vchan.fileno()
-        wanted = {vchan_fd: self._vchan.poll_mask(reading=self._local is None,
-                                                  writing=bool(self._to_vchan))}
+        wanted: dict[int, int] = {}
         if self._input_fd is not None and not self._to_vchan:
-            wanted[self._input_fd] = wanted.get(self._input_fd, 0) | IN
+            wanted[self._input_fd] = IN
         if self._local is not None:
             fd = self._local[1]
             wanted[fd] = wanted.get(fd, 0) | OUT
-        ready = wait(wanted, None)
+        vchan_can, ready = poll_round(self._vchan, wanted, None, reading=self._local is None,
+                                      writing=bool(self._to_vchan))
         if self._local is not None and ready.get(self._local[1], 0) & OUT:
             self._write_local()
         if self._input_fd is not None and ready.get(self._input_fd, 0) & IN:
             self._read_input()
-        happened = ready.get(vchan_fd, 0)
-        if happened & select.POLLOUT or (happened and self._to_vchan):
+        if vchan_can & select.POLLOUT or (vchan_can and self._to_vchan):
             self._send()
-        if happened & IN and self._local is None:
+        if vchan_can & IN and self._local is None:
             self._receive()
 
     def _write_local(self) -> None:
         assert self._local is not None
         what, fd, left = self._local
-        try:
-            written = os.write(fd, left)
-        except BlockingIOError:
-            return
-        except OSError:
-            # The reader went away: it gets nothing more, the call goes on.
+        rest = write_some(fd, left)
+        if rest is None:
             if what == WRITE_OUTPUT:
                 self._session.output_gone()
             else:
                 self._session.errors_gone()
-            self._local = None
-            return
-        left = left[written:]
-        self._local = (what, fd, left) if left else None
+        self._local = (what, fd, rest) if rest else None
 
     def _read_input(self) -> None:
         assert self._input_fd is not None
@@ -272,3 +310,33 @@ class CallerLoop:
             self._reader.feed_eof()
         elif data is not None:
             self._reader.feed(data)
+
+
+def close_stdout() -> None:
+    """End our output for its reader: fd 1 itself is closed; /dev/null keeps the number."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+    finally:
+        os.close(null)
+
+
+def call_with_stdio(domain: int, port: int, *, accept_timeout: float, timeouts: Timeouts,
+                    prefix: bytes, filter_output: bool, filter_errors: bool,
+                    ring: int = DATA_RING_SIZE) -> int | None:
+    """Serve a call's data vchan to ``domain`` on ``port`` and run the caller's side with
+    our own stdin, stdout and stderr: the remote exit status (None: the vchan ended first).
+    """
+    vchan = serve_one(domain, port, timeout=accept_timeout, read_min=ring, write_min=ring)
+    try:
+        reader = exchange_hello(vchan, timeout=timeouts.handshake)
+        assert reader.version is not None
+        session = CallerSession(reader.version, filter_output=filter_output,
+                                filter_errors=filter_errors)
+        loop = CallerLoop(vchan, reader, session, input_fd=0, output_fd=1, errors_fd=2,
+                          close_output=close_stdout, prefix=prefix)
+        status = loop.run()
+        loop.finish_input(timeouts.send_finish)
+    finally:
+        vchan.close()
+    return status

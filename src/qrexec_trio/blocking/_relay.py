@@ -23,7 +23,7 @@ from ..protocol import (
     ServiceRefused,
     filter_escape_chars,
 )
-from ._io import IN, OUT, NonBlocking, wait
+from ._io import IN, OUT, NonBlocking, wait, write_some
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -82,14 +82,10 @@ class _Copy:
             self._left = memoryview(self._transform(data) if self._transform else data)
 
     def _write(self) -> None:
-        try:
-            self._left = self._left[os.write(self.sink, self._left):]
-        except BlockingIOError:
-            pass
-        except OSError:
-            # The reader went away: drop the rest, as the reference does.
+        rest = write_some(self.sink, self._left)
+        if rest is None:
             self._sink_gone = True
-            self._left = memoryview(b"")
+        self._left = rest or memoryview(b"")
 
 
 def r2_relay(sockets: tuple[raw_socket, raw_socket, raw_socket], *, prefix: bytes,
@@ -198,11 +194,8 @@ class _StatusChannel:
                 self._errors = memoryview(data)
 
     def _write_errors(self) -> None:
-        try:
-            self._errors = self._errors[os.write(2, self._errors):]
-        except BlockingIOError:
-            return
-        except OSError:
+        rest = write_some(2, self._errors)
+        if rest is None:
             self.session.errors_gone()
-            self._errors = memoryview(b"")
+        self._errors = rest or memoryview(b"")
         self._take_events()

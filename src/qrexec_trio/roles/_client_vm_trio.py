@@ -1,8 +1,9 @@
 """qrexec-client-vm's calls through trio: what the blocking driver does not run.
 
 A local PROG (as our child on socket pairs or on the R2 sockets, its stderr
-ours), ``--use-stdin-socket``, and the trigger-socket path on a ring vchan
-backend (:func:`qrexec_trio.blocking.fast_path_problem` names the case). The
+ours), ``--use-stdin-socket``, and the trigger-socket path on a vchan backend
+whose extension is not built (:func:`qrexec_trio.blocking.client_vm_problem`
+names the case). The
 steps of asking the agent are shared with the blocking driver
 (:mod:`._vm_call`); the caller's rules with everything
 (:class:`~qrexec_trio.protocol.CallerSession`).

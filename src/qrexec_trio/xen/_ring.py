@@ -51,7 +51,8 @@ class RingDriver(Protocol):
         ...
 
     def wait(self) -> None:
-        """Consume one pending event (call only after the fd was readable)."""
+        """Consume one pending event (call only after the fd was readable);
+        :class:`OSError` if the event channel failed."""
         ...
 
     def fd_for_select(self) -> int:
@@ -104,12 +105,20 @@ class RingVchan(Vchan):
                     if not self._closed:
                         raise
                 if not self._closed:
-                    self._driver.wait()
+                    self._consume_event()
             finally:
                 # However we leave (event, cancellation, error), the parked
                 # tasks must hear of it: with the pump gone, nobody else would
                 # wake them when the peer signals.
                 self._changed.unpark_all()
+
+    def _consume_event(self) -> None:
+        try:
+            self._driver.wait()
+        except OSError as exc:
+            # The drivers raise plain OSError (they have no trio); for a stream
+            # that is a broken one.
+            raise trio.BrokenResourceError(f"vchan event channel failed: {exc}") from exc
 
     async def wait_connected(self, timeout: float) -> None:
         """Server side: wait until the client has connected (``is_open`` leaves 2)."""
