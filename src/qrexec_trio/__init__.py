@@ -15,7 +15,9 @@ short-lived client does) does not import trio.
 """
 
 # No __future__ or typing import (typing.TYPE_CHECKING): every client imports
-# this package first, so it imports nothing at all.
+# this package first, so it imports nothing but the light _lazy.
+from ._lazy import lazy_attributes
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ imports them
     from ._api import AgentNotRunning as AgentNotRunning
@@ -29,16 +31,10 @@ if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ imports the
 
 __version__ = "0.1.0.dev0"
 
-_API = frozenset({"call", "call_blocking", "Capture", "CallError", "CallRefused",
-                  "AgentNotRunning", "TargetNotRunning", "CallLost"})
-
-
-def __getattr__(name: str) -> object:
-    if name in _API:
-        from . import _api  # noqa: PLC0415 (imports trio: only when the API is used)
-
-        return getattr(_api, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+_API = ("call", "call_blocking", "Capture", "CallError", "CallRefused", "AgentNotRunning",
+        "TargetNotRunning", "CallLost")
+# The API imports trio: loaded only when used.
+__getattr__ = lazy_attributes(__name__, dict.fromkeys(_API, "_api"))
 
 
 def __dir__() -> list[str]:

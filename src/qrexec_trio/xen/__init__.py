@@ -8,7 +8,7 @@ trio, which every async backend needs.
 
 from __future__ import annotations
 
-import importlib
+from .._lazy import lazy_attributes
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -24,24 +24,15 @@ if TYPE_CHECKING:
     from ._socket import SocketBackend as SocketBackend
 
 #: Each public name and the private module that defines it.
-_WHERE = {
-    "Vchan": "._interface",
-    "VchanBackend": "._interface",
-    "VchanConnectTimeout": "._interface",
-    "VchanError": "._interface",
-    "VchanListener": "._interface",
-    "VchanWithdrawn": "._interface",
-    "socket_name": "._offer",
-    "available_backends": "._registry",
-    "get_backend": "._registry",
-    "SocketBackend": "._socket",
-}
-
-
-def __getattr__(name: str) -> object:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value  # once loaded, a plain attribute
-    return value
+__getattr__ = lazy_attributes(__name__, {
+    "Vchan": "_interface",
+    "VchanBackend": "_interface",
+    "VchanConnectTimeout": "_interface",
+    "VchanError": "_interface",
+    "VchanListener": "_interface",
+    "VchanWithdrawn": "_interface",
+    "socket_name": "_offer",
+    "available_backends": "_registry",
+    "get_backend": "_registry",
+    "SocketBackend": "_socket",
+})
