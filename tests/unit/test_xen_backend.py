@@ -278,7 +278,7 @@ def test_without_the_extension_import_works_and_says_why() -> None:
     # A child in which the compiled module cannot be found, as after an
     # install on a machine without libxenvchan.h.
     script = textwrap.dedent("""
-        import importlib.abc, sys
+        import importlib.abc, os, sys
 
         class NotBuilt(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path, target=None):
@@ -295,6 +295,11 @@ def test_without_the_extension_import_works_and_says_why() -> None:
                 make()
             except VchanError as exc:
                 print(exc)
+        # The clients' blocking driver then sends xen calls to the trio driver, which
+        # fails as above.
+        os.environ["QREXEC_VCHAN"] = "xen"
+        from qrexec_trio.blocking._vchan import backend_problem
+        print(backend_problem())
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             timeout=60, check=False)
@@ -304,6 +309,7 @@ def test_without_the_extension_import_works_and_says_why() -> None:
         str((False, reason)),
         reason,
         f"the xen vchan backend is not available: {reason}",
+        reason,
     ]
 
 

@@ -44,6 +44,17 @@ IN: int = select.POLLIN | select.POLLHUP | select.POLLERR
 OUT: int = select.POLLOUT | select.POLLHUP | select.POLLERR
 
 
+def read_some(fd: int, size: int) -> bytes | None:
+    """What ``fd`` has now, at most ``size`` bytes: ``b""`` at its end (or if it
+    failed: an input that breaks has ended), None if nothing yet."""
+    try:
+        return os.read(fd, size)
+    except BlockingIOError:
+        return None
+    except OSError:
+        return b""
+
+
 def write_some(fd: int, left: memoryview) -> memoryview | None:
     """Write what ``fd`` takes now of ``left``; what is left to write, or None if the
     reader went away (it gets nothing more: the call goes on, as the reference's)."""
@@ -282,12 +293,9 @@ class CallerLoop:
         assert self._input_fd is not None
         size = max(1, min(self._session.chunk_limit(),
                           self._vchan.buffer_space() - HEADER_SIZE))
-        try:
-            data = os.read(self._input_fd, size)
-        except BlockingIOError:
+        data = read_some(self._input_fd, size)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if data:
             self._to_vchan += self._session.frame_input(data)
             return

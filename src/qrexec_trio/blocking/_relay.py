@@ -10,7 +10,6 @@ a data vchan.
 
 from __future__ import annotations
 
-import os
 from _socket import SHUT_WR
 
 from .._logging import get_logger
@@ -23,7 +22,7 @@ from ..protocol import (
     ServiceRefused,
     filter_escape_chars,
 )
-from ._io import IN, OUT, NonBlocking, wait, write_some
+from ._io import IN, OUT, NonBlocking, read_some, wait, write_some
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -69,12 +68,9 @@ class _Copy:
 
     def _read(self) -> None:
         assert self.source is not None
-        try:
-            data = os.read(self.source, _CHUNK)
-        except BlockingIOError:
+        data = read_some(self.source, _CHUNK)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:
             self.source = None
             self._at_end()
@@ -160,12 +156,9 @@ class _StatusChannel:
         self._take_events()
 
     def _receive(self) -> None:
-        try:
-            data = os.read(self._fd, _CHUNK)
-        except BlockingIOError:
+        data = read_some(self._fd, _CHUNK)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if data:
             self._reader.feed(data)
         else:
