@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import sys
 import time
 from _socket import AF_UNIX, SOCK_STREAM
 
@@ -125,3 +126,27 @@ def connect_blocking(path: str, *, timeout: float, make: Callable[[int, int], S]
         time.sleep(pause)
     sock.setblocking(True)
     return sock
+
+
+def ensure_standard_fds() -> None:
+    """Open /dev/null on whichever of fds 0, 1 and 2 is closed.
+
+    A program started with, say, stdin closed (``<&-``) would otherwise hand
+    fd 0 to the first socket it opens and then read its "input" from there.
+    A closed stdin reads as empty, a closed stdout or stderr drops what is
+    written: what the caller asked for by closing it.
+    """
+    for fd, name in ((0, "stdin"), (1, "stdout"), (2, "stderr")):
+        try:
+            os.fstat(fd)
+        except OSError:
+            # The lowest free number: fd itself, the ones below being open already.
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+        if getattr(sys, name) is None:
+            # Python found the fd closed at start-up and left sys.stderr (say) None:
+            # a logger would then fall back to stdout, which is the call's payload.
+            setattr(sys, name, open(fd, "r" if fd == 0 else "w", buffering=1,  # noqa: SIM115
+                                    closefd=False, errors="backslashreplace"))

@@ -117,3 +117,29 @@ def test_a_reader_that_goes_away_does_not_change_a_dom0_calls_status(
         assert reader.read(1000)  # some of it came; then the reader leaves
     _, errors = proc.communicate(timeout=TIMEOUT)
     assert proc.returncode == 7, errors
+
+
+def _with_closed(fd: int, argv: list[str], env: dict[str, str],
+                 stdin: bytes = b"in") -> subprocess.CompletedProcess[bytes]:
+    """Run ``argv`` with ``fd`` closed (the shell's ``N<&-``); its stdout and stderr."""
+    return subprocess.run(["sh", "-c", f'"$@" {fd}<&-', "sh", *argv], input=stdin,
+                          capture_output=True, env=env, timeout=TIMEOUT)
+
+
+@pytest.mark.parametrize("path", ["--use-r2-fdpass", "--use-trigger-socket"])
+def test_a_vm_call_with_a_closed_standard_fd_runs_as_with_dev_null(
+        vm1: VM, vm2: VM, host: Host, path: str) -> None:
+    argv = _client_vm(vm1, path, "vm2", "test.Echo")
+    env = host.env(vm1.domid)
+    no_input = _with_closed(0, argv, env)
+    assert (no_input.returncode, no_input.stdout) == (0, b""), no_input.stderr
+    no_output = _with_closed(1, argv, env)
+    assert no_output.returncode == 0, no_output.stderr
+    no_errors = _with_closed(2, argv, env)
+    assert (no_errors.returncode, no_errors.stdout) == (0, b"in")
+
+
+def test_a_dom0_call_with_a_closed_stdin_reads_it_as_empty(vm1: VM, host: Host) -> None:
+    result = _with_closed(0, _client(host, "-d", "vm1", "DEFAULT:QUBESRPC test.Echo dom0"),
+                          host.env(0))
+    assert (result.returncode, result.stdout) == (0, b"arg= src=dom0\n"), result.stderr

@@ -28,6 +28,7 @@ from .._config import Timeouts
 from .._defaults import DAEMON_SOCKET_DIR, QUBESD_SOCKET, QUBESD_SOCKET_ENV
 from .._errors import QrexecError
 from .._logging import get_logger
+from .._unix import ensure_standard_fds
 from ..blocking import Stopped, client_problem, run_client_call, stop_on_signals
 from ..protocol import ExitStatus
 from ._daemon_client import DOM0_NAMES
@@ -108,6 +109,7 @@ def _run(args: Namespace, timeouts: Timeouts) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    ensure_standard_fds()
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.use_stdin_socket:

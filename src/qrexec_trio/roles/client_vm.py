@@ -51,6 +51,7 @@ import sys
 from .._config import Timeouts
 from .._errors import QrexecError
 from .._logging import get_logger
+from .._unix import ensure_standard_fds
 from ..blocking import Stopped, client_vm_problem, run_client_vm_call, stop_on_signals
 from ..protocol import DATA_RING_SIZE, ExitStatus
 from ._options import Namespace, Operand, Option, Parser, logging_options, setup_logging
@@ -156,6 +157,7 @@ def _stdin_socket_problem() -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    ensure_standard_fds()
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     setup_logging(args, "qrexec-client-vm")
