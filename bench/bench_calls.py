@@ -6,7 +6,7 @@ Runs the world of examples/minimal.toml (VMs `client` and `server`) and prints:
   ``--calls``): dom0 -> VM (``qrexec-client -d server DEFAULT:QUBESRPC demo.Echo dom0``), VM -> VM
   with policy over R2 (our agent's default) and over the trigger socket
   (today's reference path), beside a bare interpreter start (``python -c
-  pass``) and ``sh -c true``;
+  pass``), ``sh -c true`` and the client's start-up alone (``--help``);
 - the rate of sequential trivial VM -> VM calls through the in-process API
   (``qrexec_trio.call``) beside the CLI's rate for the same;
 - 50 concurrent VM -> VM calls through the CLI: wall time, none hung;
@@ -105,6 +105,8 @@ def _measure(state: dict[str, Any], workdir: Path, args: argparse.Namespace) -> 
     rows = [
         f"bare interpreter start (python -c pass)   {bare:7.1f} ms",
         f"sh -c true                                {shell:7.1f} ms",
+        f"client start-up alone (qrexec-client-vm --help) "
+        f"{_wall_ms(args.calls, [vm_call[0], '--help'], None):7.1f} ms",
         f"trivial call, dom0 -> VM                  "
         f"{_wall_ms(args.calls, [*dom0_call, DOM0_ECHO], dom0):7.1f} ms",
     ]
