@@ -31,13 +31,12 @@ from ..nursery import CallerEnd, call_data, open_caller_link
 from ..protocol import (
     ExecCmdline,
     ProtocolError,
-    TriggerService,
     build_rpc_cmdline,
     parse_cmdline,
 )
 from ..roles import _connect
 from ..roles._client_vm_trio import ask_agent
-from ..roles._vm_call import AgentMissing, ClientVmError, Refused
+from ..roles._vm_call import AgentMissing, ClientVmError, Refused, trigger_frame
 from ..roles._vm_local import DEFAULT_AGENT_SOCKET
 from ..xen import VchanBackend, get_backend
 from ..xen._local import LocalBackend
@@ -144,8 +143,8 @@ def _caller_end(stdin: Input, stdout: trio.abc.SendStream | None,
 def _trigger_frame(source: str, target: str, descriptor: str) -> bytes:
     """MSG_TRIGGER_SERVICE4; names the agent or dom0 would refuse raise ValueError here."""
     try:
-        return TriggerService(4, _raw(source), _raw(target or "@default"), _TRIGGER_IDENT,
-                              _raw(descriptor)).encode()
+        return trigger_frame(_raw(source), _raw(target or "@default"), _raw(descriptor),
+                             _TRIGGER_IDENT)
     except ProtocolError as exc:
         raise ValueError(f"invalid call: {exc}") from None
 
