@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from qrexec_trio.protocol import FIRST_DATA_PORT, LAST_DATA_PORT, MAX_DATA_PORTS
 from qrexec_trio.roles._ports import PortTable
+from qrexec_trio.xen import SocketBackend
 
 
 def test_data_ports_start_at_513_and_have_room_for_256_calls_each_way() -> None:
@@ -84,3 +87,26 @@ def test_256_dom0_calls_and_256_vm_calls_share_one_table() -> None:
     peers = [table.allocate(43) for _ in range(256)]
     assert None not in dom0 and None not in peers
     assert len(set(dom0) | set(peers)) == 512
+
+
+def test_the_daemon_hears_of_every_port_handed_out_and_freed() -> None:
+    changes: list[tuple[int, int]] = []
+    table = PortTable(5, lambda domain, port: changes.append((domain, port)))
+    first, second = table.allocate(0), table.allocate(9)
+    assert first is not None and second is not None
+    assert not table.release(3, first)  # not its domain: nothing freed, nothing said
+    assert table.release(0, first)
+    assert table.clear() == [second]
+    assert changes == [(0, first), (9, second), (0, first), (9, second)]
+
+
+def test_forgetting_a_ports_withdrawals_removes_both_directions_markers_only(
+        short_tmp: Path) -> None:
+    names = ["vchan.0.5.513.sock.withdrawn", "vchan.5.0.513.sock.withdrawn",
+             "vchan.0.5.514.sock.withdrawn", "vchan.0.6.513.sock.withdrawn"]
+    for name in names:
+        (short_tmp / name).touch()
+    (short_tmp / "vchan.0.5.513.sock").mkdir()  # not a marker: never touched
+    SocketBackend(str(short_tmp), 0).forget_withdrawals(5, 0, 513)
+    assert sorted(path.name for path in short_tmp.iterdir()) == [
+        "vchan.0.5.513.sock", "vchan.0.5.514.sock.withdrawn", "vchan.0.6.513.sock.withdrawn"]

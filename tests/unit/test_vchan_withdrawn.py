@@ -21,7 +21,7 @@ import trio.testing
 
 from qrexec_trio.xen import VchanBackend, VchanConnectTimeout
 from qrexec_trio.xen._interface import VchanWithdrawn
-from qrexec_trio.xen._local import Rendezvous, remove_if_same
+from qrexec_trio.xen._local import DEAD_AFTER, Rendezvous, remove_if_same
 
 from .test_vchan_conformance import _make
 
@@ -222,15 +222,30 @@ async def test_one_refusal_is_not_death(short_tmp: Path, kind: int) -> None:
 
 
 @pytest.mark.parametrize("kind", [socket.SOCK_STREAM, socket.SOCK_SEQPACKET])
-async def test_two_refusals_by_the_same_socket_are_death(short_tmp: Path, kind: int) -> None:
+async def test_refusals_by_the_same_socket_over_a_while_are_death(
+        short_tmp: Path, kind: int, autojump_clock: trio.testing.MockClock) -> None:
     path = _offer_path(short_tmp, 821)
     _dead_server_socket(path, kind)
     rendezvous = Rendezvous(str(path), 821)
     with trio.socket.socket(socket.AF_UNIX, kind) as first:
         assert not await rendezvous.connect(first)
+    await trio.sleep(DEAD_AFTER)
     with trio.socket.socket(socket.AF_UNIX, kind) as second, pytest.raises(VchanWithdrawn):
         await rendezvous.connect(second)
     assert not path.exists()
+
+
+async def test_refusals_close_together_are_not_yet_death(short_tmp: Path) -> None:
+    """The client's first retries come sub-millisecond apart: a foreign server about to
+    replace a dead predecessor's socket must get its moment (issue 14's faster polls
+    made a test agent lose that race under load)."""
+    path = _offer_path(short_tmp, 823)
+    _dead_server_socket(path, socket.SOCK_STREAM)
+    rendezvous = Rendezvous(str(path), 823)
+    for _ in range(3):
+        with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            assert not await rendezvous.connect(sock)
+    assert path.exists()
 
 
 def _replace_keeping_the_old(path: Path, number: int) -> None:

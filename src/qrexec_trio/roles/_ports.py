@@ -1,12 +1,14 @@
 """Data-port allocation of a qrexec-daemon (wire-protocol.md §8).
 
-Pure bookkeeping, no I/O. A port is 513 + i for a slot i in [0, MAX_DATA_PORTS);
-each slot remembers the domain it was given for, and is freed only by a
+Bookkeeping; its one side effect is the ``on_change`` callback the daemon
+gives it. A port is 513 + i for a slot i in [0, MAX_DATA_PORTS); each slot
+remembers the domain it was given for, and is freed only by a
 MSG_CONNECTION_TERMINATED naming that same (domain, port).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import final
 
 from ..protocol import FIRST_DATA_PORT, MAX_DATA_PORTS
@@ -14,9 +16,16 @@ from ..protocol import FIRST_DATA_PORT, MAX_DATA_PORTS
 
 @final
 class PortTable:
-    def __init__(self, own_domain: int) -> None:
+    def __init__(self, own_domain: int,
+                 on_change: Callable[[int, int], None] | None = None) -> None:
         self.own_domain = own_domain
         self._owner: list[int | None] = [None] * MAX_DATA_PORTS
+        #: Told (connect_domain, port) when a port is handed out and when it is freed.
+        self._on_change = on_change
+
+    def _changed(self, connect_domain: int, port: int) -> None:
+        if self._on_change is not None:
+            self._on_change(connect_domain, port)
 
     def _slots(self, connect_domain: int) -> range:
         """The slots a connection with ``connect_domain`` may take.
@@ -35,6 +44,7 @@ class PortTable:
         for slot in self._slots(connect_domain):
             if self._owner[slot] is None:
                 self._owner[slot] = connect_domain
+                self._changed(connect_domain, FIRST_DATA_PORT + slot)
                 return FIRST_DATA_PORT + slot
         return None
 
@@ -52,6 +62,7 @@ class PortTable:
         if not 0 <= slot < MAX_DATA_PORTS or self._owner[slot] != connect_domain:
             return False
         self._owner[slot] = None
+        self._changed(connect_domain, port)
         return True
 
     def allocated(self) -> list[tuple[int, int]]:
@@ -64,6 +75,8 @@ class PortTable:
 
     def clear(self) -> list[int]:
         """Free every port (the agent restarted); returns the ports that were in use."""
-        used = self.in_use()
+        used = self.allocated()
         self._owner = [None] * MAX_DATA_PORTS
-        return used
+        for port, connect_domain in used:
+            self._changed(connect_domain, port)
+        return [port for port, _ in used]

@@ -177,7 +177,10 @@ class Daemon:
         # This VM's requests from trigger to the end of their call, answered or
         # not: what --max-calls bounds.
         self._live_calls = 0
-        self.ports = PortTable(domid)
+        # A port handed out or freed: what servers of its vchans left for late
+        # clients (withdrawn markers) is stale either way.
+        self.ports = PortTable(domid, lambda domain, port: backend.forget_withdrawals(
+            domain, domid, port))
         # Clients waiting for their port to be released, by port.
         self._port_waiters: dict[int, trio.Event] = {}
         self._control: FramedLink | None = None

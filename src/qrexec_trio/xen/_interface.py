@@ -92,6 +92,12 @@ class VchanBackend(abc.ABC):
         server gave up or died.
         """
 
+    def forget_withdrawals(self, first: int, second: int, port: int) -> None:  # noqa: B027
+        """Forget what servers of vchans between ``first`` and ``second`` on ``port``
+        left for late clients (the local backends' withdrawn markers): the daemon
+        that allocates ``port`` calls this when it hands the port out and when it
+        frees it. Nothing to do for backends that leave nothing."""
+
     async def serve_one(
         self,
         peer_domain: int,

@@ -20,9 +20,9 @@ Both local backends offer a vchan as a listening unix socket under its name
   connections. Ours bind at a private name, listen, and only then rename the
   socket to the vchan's name, so a live server of ours never refuses; a
   foreign one (upstream's socket libvchan) binds the name itself and listens
-  a moment later, so one refusal is not proof. A client refused twice, on
-  separate attempts, by the same socket takes the server for dead: it removes
-  that socket (never one that replaced it) and fails at once.
+  a moment later, so one refusal is not proof. A client refused by the same
+  socket on attempts at least :data:`DEAD_AFTER` apart takes the server for
+  dead: it removes that socket (never one that replaced it) and fails.
 
 What this does not guarantee:
 
@@ -55,6 +55,7 @@ from ._offer import (
     FileId,
     consume_withdrawn,
     ends_for_good,
+    forget_withdrawals,
     local_own_domain,
     local_socket_dir,
     remove_if_same,
@@ -69,6 +70,9 @@ from ._offer import (
 # about 1 ms instead of 5.
 RETRY_FIRST: Final = 0.0005
 RETRY_MAX: Final = 0.1
+#: A socket that refuses connections is taken for a dead server's only when it
+#: has refused them for this long (upstream's client polls every 100 ms).
+DEAD_AFTER: Final = 0.1
 
 T = TypeVar("T")
 
@@ -95,6 +99,7 @@ class Rendezvous:
         self.path = path
         self._ends_for_good = ends_for_good(port)
         self._refused_by: FileId | None = None
+        self._first_refused = 0.0
 
     async def connect(self, sock: trio.socket.SocketType) -> bool:
         """Connect ``sock`` to the offer: True if connected, False if not offered yet.
@@ -125,9 +130,16 @@ class Rendezvous:
     def _fail_if_dead(self, offered: FileId) -> None:
         if not self._ends_for_good:
             return
+        now = trio.current_time()
         if self._refused_by != offered:
-            # Perhaps a foreign server between its bind and its listen: ask again.
+            # Perhaps a foreign server between its bind and its listen, or about to
+            # replace a dead predecessor's socket: ask again.
             self._refused_by = offered
+            self._first_refused = now
+            return
+        if now - self._first_refused < DEAD_AFTER:
+            # Our retries start sub-millisecond: two refusals that close together
+            # prove nothing (a foreign server's unlink, bind and listen take a moment).
             return
         remove_if_same(self.path, offered)
         consume_withdrawn(self.path)  # one killed while withdrawing may have left it
@@ -168,6 +180,9 @@ class LocalBackend(VchanBackend):
         self.socket_dir = local_socket_dir(socket_dir)
         self.own_domain = local_own_domain(own_domain)
         self._send_finish = send_finish
+
+    def forget_withdrawals(self, first: int, second: int, port: int) -> None:
+        forget_withdrawals(self.socket_dir, first, second, port)
 
     def server_path(self, peer_domain: int, port: int) -> str:
         return server_path(self.socket_dir, self.own_domain, peer_domain, port)

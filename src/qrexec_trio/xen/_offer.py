@@ -125,6 +125,15 @@ def mark_withdrawn(path: str) -> bool:
     return True
 
 
+def forget_withdrawals(socket_dir: str, first: int, second: int, port: int) -> None:
+    """Remove the withdrawn markers of both vchans between ``first`` and ``second`` on
+    ``port`` (either may be the server): garbage once the port's call is over, and
+    wrong for the next call that gets the port."""
+    for server, client in ((first, second), (second, first)):
+        remove_stale(withdrawn_marker(server_path(socket_dir, server, client, port)),
+                     stat.S_ISREG)
+
+
 def consume_withdrawn(path: str) -> bool:
     """Whether ``path`` carries a withdrawn marker; removes it, so it serves one client."""
     marker = withdrawn_marker(path)
