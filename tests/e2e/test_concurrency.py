@@ -25,6 +25,7 @@ import trio
 from harness import Host
 from qrexec_trio._config import Timeouts
 from qrexec_trio._sockets import connect_unix
+from qrexec_trio.blocking._vm_call import trigger_frame
 from qrexec_trio.nursery import FramedLink, open_caller_link
 from qrexec_trio.protocol import (
     Data,
@@ -34,7 +35,6 @@ from qrexec_trio.protocol import (
     TriggerAnswer,
 )
 from qrexec_trio.roles._connect import ConnectError, request_port
-from qrexec_trio.roles._vm_call import trigger_frame
 from qrexec_trio.world import load_world_config
 from qrexec_trio.xen import VchanBackend
 from qrexec_trio.xen._socket import SocketBackend

@@ -10,10 +10,10 @@ import trio
 
 from harness import VM, Host
 from qrexec_trio._config import Timeouts
+from qrexec_trio.blocking._vm_call import Refused, trigger_frame
 from qrexec_trio.domains import QubesdDomains
 from qrexec_trio.nursery import CONNECTIONS, control_socket_path
 from qrexec_trio.roles._client_vm_trio import ask_agent
-from qrexec_trio.roles._vm_call import Refused, trigger_frame
 
 #: Clients at once: well above the old backlog of 64.
 BURST = 200

@@ -23,7 +23,7 @@ from qrexec_trio.protocol._structs import (
     encode_ident,
     service_name_problem,
 )
-from qrexec_trio.roles._vm_local import parse_cid
+from qrexec_trio.protocol._vm_local import parse_cid
 
 from .strategies import DOMAIN_ALPHABET, IDENT_ALPHABET, SERVICE_ALPHABET, relaxed
 

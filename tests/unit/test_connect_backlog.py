@@ -26,11 +26,11 @@ from qrexec_trio._sockets import (
     connect_unix_blocking,
     listening_socket,
 )
+from qrexec_trio.blocking._vm_call import ClientVmError, _fdpass_socket
+from qrexec_trio.blocking._vm_call import ask_agent as ask_agent_blocking
 from qrexec_trio.protocol import ExecCmdline
 from qrexec_trio.roles._client_vm_trio import ask_agent
 from qrexec_trio.roles._connect import ConnectError, open_daemon_request
-from qrexec_trio.roles._vm_call import ClientVmError, _fdpass_socket
-from qrexec_trio.roles._vm_call import ask_agent as ask_agent_blocking
 
 #: A short timeout where the test wants the give-up path.
 GIVE_UP: float = 0.2

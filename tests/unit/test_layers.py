@@ -12,7 +12,8 @@ import qrexec_trio
 
 PACKAGE = Path(qrexec_trio.__file__).parent
 #: Lowest first: a layer may import the ones before it, never after.
-ORDER = ["protocol", "xen", "domains", "policy", "services", "nursery", "world", "roles"]
+ORDER = ["protocol", "xen", "domains", "policy", "services", "nursery", "blocking", "world",
+         "roles"]
 _IMPORT = re.compile(r"^\s*(?:from|import)\s+(?:qrexec_trio\.|\.\.)(\w+)", re.M)
 
 

@@ -24,7 +24,7 @@ LIGHT_MODULES = [
     "qrexec_trio._config",
     "qrexec_trio._logging",
     "qrexec_trio._errors",
-    "qrexec_trio.roles._vm_local",
+    "qrexec_trio.protocol._vm_local",
     # The blocking driver's data vchan, and what it loads for the ring backends.
     "qrexec_trio.blocking._vchan",
     "qrexec_trio.xen._shm_driver",

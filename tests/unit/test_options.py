@@ -1,4 +1,4 @@
-"""The clients' light command-line parser (roles._options): getopt_long's rules,
+"""The clients' light command-line parser (qrexec_trio._options): getopt_long's rules,
 argparse's messages, and a start-up cost of nothing but itself."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
+from qrexec_trio._options import Namespace, Operand, Option, Parser
 from qrexec_trio.roles import client, client_vm
-from qrexec_trio.roles._options import Namespace, Operand, Option, Parser
 
 
 def _parser(*, stop_at_operand: bool = False, usage_status: int = 2) -> Parser:
@@ -50,7 +50,7 @@ def test_importing_the_parser_imports_nothing_heavy() -> None:
     imported first: their own imports are theirs to keep light)."""
     heavy = ("argparse", "re", "typing", "dataclasses", "enum", "gettext", "textwrap")
     code = ("import sys; import qrexec_trio.roles; before = set(sys.modules); "
-            "import qrexec_trio.roles._options; "
+            "import qrexec_trio._options; "
             f"print(' '.join(name for name in {heavy!r} "
             "if name in sys.modules and name not in before))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -19,6 +19,7 @@ import trio
 from trio.testing import MockClock, wait_all_tasks_blocked
 
 from qrexec_trio._config import Timeouts
+from qrexec_trio.blocking import _vm_call
 from qrexec_trio.nursery import ConnectionRegistry
 from qrexec_trio.protocol import (
     Data,
@@ -36,8 +37,7 @@ from qrexec_trio.protocol import (
     TriggerService,
     encode_frame,
 )
-from qrexec_trio.roles import _vm_call, client_vm
-from qrexec_trio.roles._vm_local import (
+from qrexec_trio.protocol._vm_local import (
     FD_NUMBER,
     decode_fifo_record,
     encode_fifo_record,
@@ -46,6 +46,7 @@ from qrexec_trio.roles._vm_local import (
     format_cid,
     parse_cid,
 )
+from qrexec_trio.roles import client_vm
 from qrexec_trio.roles._vm_requests import (
     ClaimCapReached,
     ClaimCaps,

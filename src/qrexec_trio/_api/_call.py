@@ -27,6 +27,7 @@ import trio
 from .._config import Timeouts
 from .._defaults import DAEMON_SOCKET_DIR
 from .._errors import QrexecError
+from ..blocking._vm_call import AgentMissing, ClientVmError, Refused, trigger_frame
 from ..nursery import CallerEnd, call_data, open_caller_link
 from ..protocol import (
     ExecCmdline,
@@ -34,10 +35,9 @@ from ..protocol import (
     build_rpc_cmdline,
     parse_cmdline,
 )
+from ..protocol._vm_local import DEFAULT_AGENT_SOCKET
 from ..roles import _connect
 from ..roles._client_vm_trio import ask_agent
-from ..roles._vm_call import AgentMissing, ClientVmError, Refused, trigger_frame
-from ..roles._vm_local import DEFAULT_AGENT_SOCKET
 from ..xen import VchanBackend, get_backend
 from ..xen._local import LocalBackend
 from ..xen._registry import default_backend_name

@@ -15,14 +15,14 @@ from _socket import socket as raw_socket
 from .._ids import call_id
 from .._logging import bind_context, get_logger
 from ..protocol import ExecCmdline, JustExec, caller_exit_code
-from ..roles._daemon_client import DOM0_NAMES, request_port_blocking
+from ._daemon_client import DOM0_NAMES, request_port_blocking
 from ._io import call_with_stdio
 from ._vchan import backend_problem
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from .._config import Timeouts
-    from ..roles._options import Namespace
+    from .._options import Namespace
 
 log = get_logger(__name__)
 

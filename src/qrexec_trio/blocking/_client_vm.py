@@ -1,6 +1,6 @@
 """qrexec-client-vm's calls through the blocking driver.
 
-Either way of asking the agent (:mod:`qrexec_trio.roles._vm_call`), with our
+Either way of asking the agent (:mod:`qrexec_trio.blocking._vm_call`), with our
 own stdin, stdout and stderr; what this driver does not run (a local PROG,
 ``--use-stdin-socket``, a vchan backend it cannot drive on the trigger-socket
 path) is named by :func:`fast_path_problem` and goes to the trio implementation.
@@ -12,7 +12,10 @@ from _socket import socket as raw_socket
 
 from .._logging import get_logger
 from ..protocol import caller_exit_code
-from ..roles._vm_call import (
+from ._io import call_with_stdio, close_stdout
+from ._relay import RefusedByAgent, r2_relay
+from ._vchan import backend_problem
+from ._vm_call import (
     R2,
     TRIGGER,
     Refused,
@@ -23,14 +26,11 @@ from ..roles._vm_call import (
     request_frame,
     ring_size,
 )
-from ._io import call_with_stdio, close_stdout
-from ._relay import RefusedByAgent, r2_relay
-from ._vchan import backend_problem
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from .._config import Timeouts
-    from ..roles._options import Namespace
+    from .._options import Namespace
 
 log = get_logger(__name__)
 

@@ -3,7 +3,7 @@
 In R2 the agent runs the data vchan; the client only relays: its input to
 socket 1 (then shuts its write side), socket 0 to its output (closed at
 socket 0's end), and reads the status channel, socket 2: remote stderr, then
-the exit status or a refusal (:mod:`qrexec_trio.roles._vm_local`). The status
+the exit status or a refusal (:mod:`qrexec_trio.protocol._vm_local`). The status
 messages are handled by :class:`~qrexec_trio.protocol.CallerSession`, as on
 a data vchan.
 """

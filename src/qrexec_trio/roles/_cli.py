@@ -14,10 +14,10 @@ import trio
 from trio.lowlevel import FdStream
 
 from .._logging import get_logger
+from .._options import logging_options
+from .._options import setup_logging as setup_logging  # noqa: PLC0414 (the programs' one import)
 from ..nursery import one_error
 from ..xen import VchanError
-from ._options import logging_options
-from ._options import setup_logging as setup_logging  # noqa: PLC0414 (the programs' one import)
 
 
 def add_logging_options(parser: argparse.ArgumentParser, default: str = "info") -> None:

@@ -18,6 +18,7 @@ from .._config import Timeouts
 from .._defaults import QUBESD_SOCKET, QUBESD_SOCKET_ENV
 from .._errors import QrexecError
 from .._logging import get_logger
+from .._options import Namespace
 from ..domains import DomainsError, QubesdDomains
 from ..nursery import (
     CONNECTIONS,
@@ -56,7 +57,6 @@ from ._connect import (
     request_port,
 )
 from ._local_io import local_ends
-from ._options import Namespace
 
 log = get_logger(__name__)
 

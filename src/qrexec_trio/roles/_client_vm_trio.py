@@ -5,7 +5,7 @@ ours), ``--use-stdin-socket``, and the trigger-socket path on a vchan backend
 whose extension is not built (:func:`qrexec_trio.blocking.client_vm_problem`
 names the case). The
 steps of asking the agent are shared with the blocking driver
-(:mod:`._vm_call`); the caller's rules with everything
+(:mod:`..blocking._vm_call`); the caller's rules with everything
 (:class:`~qrexec_trio.protocol.CallerSession`).
 """
 
@@ -21,7 +21,19 @@ import trio
 
 from .._config import Timeouts
 from .._logging import get_logger
+from .._options import Namespace
 from .._sockets import connect_unix
+from ..blocking._vm_call import (
+    TRIGGER,
+    ClientVmError,
+    Refused,
+    agent_missing,
+    choose_path,
+    prefix_data,
+    r2_request,
+    request_frame,
+    ring_size,
+)
 from ..nursery import (
     CallerEnd,
     FramedLink,
@@ -45,18 +57,6 @@ from ..protocol import (
 from ..xen import VchanBackend, get_backend
 from ._cli import run_until_signal
 from ._local_io import LocalOutput, local_ends
-from ._options import Namespace
-from ._vm_call import (
-    TRIGGER,
-    ClientVmError,
-    Refused,
-    agent_missing,
-    choose_path,
-    prefix_data,
-    r2_request,
-    request_frame,
-    ring_size,
-)
 
 log = get_logger(__name__)
 

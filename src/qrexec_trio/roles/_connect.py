@@ -29,6 +29,11 @@ import trio
 from .._config import Timeouts
 from .._logging import get_logger
 from .._sockets import connect_unix
+from ..blocking._daemon_client import DOM0_NAMES as DOM0_NAMES  # noqa: PLC0414 (its users import it here)
+from ..blocking._daemon_client import ConnectError as ConnectError  # noqa: PLC0414
+from ..blocking._daemon_client import RequestRefused as RequestRefused  # noqa: PLC0414
+from ..blocking._daemon_client import TargetNotRunning as TargetNotRunning  # noqa: PLC0414
+from ..blocking._daemon_client import connect_failure, daemon_socket_path, port_from_reply
 from ..domains import DispVMLedger, Domains, DomainsError, disposable
 from ..nursery import (
     Connection,
@@ -51,11 +56,6 @@ from ..protocol import (
 )
 from ..services import Runner, rpc_config_path, service_path
 from ..xen import Vchan, VchanBackend
-from ._daemon_client import DOM0_NAMES as DOM0_NAMES  # noqa: PLC0414 (its users import it here)
-from ._daemon_client import ConnectError as ConnectError  # noqa: PLC0414
-from ._daemon_client import RequestRefused as RequestRefused  # noqa: PLC0414
-from ._daemon_client import TargetNotRunning as TargetNotRunning  # noqa: PLC0414
-from ._daemon_client import connect_failure, daemon_socket_path, port_from_reply
 from ._launch import hold_for_session, prepare, serve_prepared
 
 log = get_logger(__name__)

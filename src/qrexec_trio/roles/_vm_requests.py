@@ -14,7 +14,7 @@ and today's qrexec):
   ``PATH-fifo`` (R2 put the FIFO at ``PATH`` itself, where today's socket must
   stay; one path cannot be both, so the FIFO moved beside it). The layouts,
   the CID and the status channel on socket 2 are defined in
-  :mod:`._vm_local`. On MSG_SERVICE_CONNECT the **agent** serves the data
+  :mod:`..protocol._vm_local`. On MSG_SERVICE_CONNECT the **agent** serves the data
   vchan and relays it to the client's three sockets.
 
 Hardening of the R2 CID, which in R2 bound whatever fd had that number: a CID
@@ -90,8 +90,7 @@ from ..protocol import (
     TriggerAnswer,
     TriggerService,
 )
-from ..xen import VchanBackend, VchanError
-from ._vm_local import (
+from ..protocol._vm_local import (
     FD_NUMBER,
     FIFO_RECORD_SIZE,
     control_path,
@@ -100,6 +99,7 @@ from ._vm_local import (
     fifo_path,
     parse_cid,
 )
+from ..xen import VchanBackend, VchanError
 
 log = get_logger(__name__)
 

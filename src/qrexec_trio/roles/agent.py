@@ -11,7 +11,7 @@ offers the control vchan again, as the reference does.
 
 Calls that programs in this VM make go the other way; they come in on the
 trigger socket, the fdpass socket and the trigger FIFO, served by
-:mod:`._vm_requests` in the agent's nursery (see there, and :mod:`._vm_local`
+:mod:`._vm_requests` in the agent's nursery (see there, and :mod:`..protocol._vm_local`
 for why the FIFO sits beside today's socket rather than at its path).
 """
 
@@ -60,6 +60,7 @@ from ..protocol import (
     UndecodableMessage,
     negotiate_version,
 )
+from ..protocol._vm_local import DEFAULT_RUNTIME_DIR, DEFAULT_SOCKET_NAME
 from ..services import (
     LaunchError,
     Plan,
@@ -71,7 +72,6 @@ from ..services import (
 from ..xen import VchanBackend, get_backend
 from ._cli import add_logging_options, run_long_lived, setup_logging
 from ._launch import hold_for_session, prepare, serve_prepared
-from ._vm_local import DEFAULT_RUNTIME_DIR, DEFAULT_SOCKET_NAME
 from ._vm_requests import RequestPaths, SetupError, VmRequests
 
 log = get_logger(__name__)

@@ -28,11 +28,11 @@ from .._config import Timeouts
 from .._defaults import DAEMON_SOCKET_DIR, QUBESD_SOCKET, QUBESD_SOCKET_ENV
 from .._errors import QrexecError
 from .._logging import get_logger
+from .._options import Namespace, Operand, Option, Parser, logging_options, setup_logging
 from .._unix import ensure_standard_fds
 from ..blocking import Stopped, client_problem, run_client_call, stop_on_signals
+from ..blocking._daemon_client import DOM0_NAMES
 from ..protocol import ExitStatus
-from ._daemon_client import DOM0_NAMES
-from ._options import Namespace, Operand, Option, Parser, logging_options, setup_logging
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -7,7 +7,7 @@ Options stop at the first operand, so PROG's own options pass through. TARGET
 may use ``@default``, ``@dispvm[:X]`` or the legacy ``$`` spelling (rewritten
 to ``@``); an empty TARGET means ``@default``.
 
-Two ways to ask the agent (paths and layouts in :mod:`._vm_local`); the
+Two ways to ask the agent (paths and layouts in :mod:`..protocol._vm_local`); the
 program picks one by itself:
 
 * **R2**, when the agent offers it (its fdpass socket ``PATH-fdpass`` and its
@@ -51,11 +51,10 @@ import sys
 from .._config import Timeouts
 from .._errors import QrexecError
 from .._logging import get_logger
+from .._options import Namespace, Operand, Option, Parser, logging_options, setup_logging
 from .._unix import ensure_standard_fds
 from ..blocking import Stopped, client_vm_problem, run_client_vm_call, stop_on_signals
-from ..protocol import DATA_RING_SIZE, ExitStatus
-from ._options import Namespace, Operand, Option, Parser, logging_options, setup_logging
-from ._vm_call import (
+from ..blocking._vm_call import (
     EXIT_LOCAL_ERROR,
     EXIT_USAGE,
     RING_MAX,
@@ -63,7 +62,8 @@ from ._vm_call import (
     Refused,
     parse_buffer_size,
 )
-from ._vm_local import DEFAULT_AGENT_SOCKET
+from ..protocol import DATA_RING_SIZE, ExitStatus
+from ..protocol._vm_local import DEFAULT_AGENT_SOCKET
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ from .._errors import QrexecError
 from .._logging import bind_context, get_logger
 from .._unix import connect_blocking, has_kind
 from ..protocol import DATA_RING_SIZE, ProtocolError, TriggerAnswer, TriggerService
-from ._vm_local import (
+from ..protocol._vm_local import (
     FD_NUMBER,
     FIFO_RECORD_SIZE,
     encode_fifo_record,
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from typing import Final, TypeVar
 
     from .._config import Timeouts
-    from ._options import Namespace
+    from .._options import Namespace
 
     S = TypeVar("S", bound=raw_socket)
 

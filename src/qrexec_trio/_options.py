@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import sys
 
-from .._logging import LEVELS, configure_logging
+from ._logging import LEVELS, configure_logging
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

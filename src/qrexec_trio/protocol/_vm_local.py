@@ -52,7 +52,7 @@ from __future__ import annotations
 import os
 import struct
 
-from ..protocol import LocalProtocolError, RemoteProtocolError
+from ._errors import LocalProtocolError, RemoteProtocolError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
