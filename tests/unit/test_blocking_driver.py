@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import trio
 
-from qrexec_trio.blocking import _client_vm, _io
+from qrexec_trio.blocking import _call, _client_vm
 from qrexec_trio.blocking._io import CallerLoop, exchange_hello
 from qrexec_trio.blocking._vchan import BlockingVchan, backend_problem, serve_one
 from qrexec_trio.protocol import (
@@ -393,7 +393,7 @@ def test_the_vm_client_sizes_the_rings_from_buffer_size(
 
     trigger = socket.socket()
     monkeypatch.setattr(_client_vm, "ask_agent", lambda *args: (trigger, 1, 513))
-    monkeypatch.setattr(_io, "serve_one", fake_serve_one)
+    monkeypatch.setattr(_call, "serve_one", fake_serve_one)
     args = SimpleNamespace(agent_socket="unused", buffer_size=5000, prefix_data=None,
                            filter_stdout=False, filter_stderr=False)
     with pytest.raises(Stop):

@@ -27,6 +27,7 @@ LIGHT_MODULES = [
     "qrexec_trio.protocol._vm_local",
     # The blocking driver's data vchan, and what it loads for the ring backends.
     "qrexec_trio.blocking._vchan",
+    "qrexec_trio.blocking._call",
     "qrexec_trio.xen._shm_driver",
     "qrexec_trio.xen._xen_driver",
     # The client programs themselves: a trivial call runs on these alone.

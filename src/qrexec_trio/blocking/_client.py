@@ -15,8 +15,8 @@ from _socket import socket as raw_socket
 from .._ids import call_id
 from .._logging import bind_context, get_logger
 from ..protocol import ExecCmdline, JustExec, caller_exit_code
+from ._call import call_with_stdio
 from ._daemon_client import DOM0_NAMES, request_port_blocking
-from ._io import call_with_stdio
 from ._vchan import backend_problem
 
 TYPE_CHECKING = False

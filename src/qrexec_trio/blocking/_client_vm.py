@@ -12,9 +12,8 @@ from _socket import socket as raw_socket
 
 from .._logging import get_logger
 from ..protocol import caller_exit_code
-from ._io import call_with_stdio, close_stdout
+from ._io import close_stdout
 from ._relay import RefusedByAgent, r2_relay
-from ._vchan import backend_problem
 from ._vm_call import (
     R2,
     TRIGGER,
@@ -53,6 +52,9 @@ def run(args: Namespace, timeouts: Timeouts) -> int | None:
     if path == R2:
         return _r2_call(args, target, service, timeouts)
     assert path == TRIGGER
+    # Only this path serves a vchan: R2 calls (our agent's default) do not load it.
+    from ._vchan import backend_problem  # noqa: PLC0415
+
     if (problem := backend_problem()) is not None:
         log.debug("the trio driver runs this call", why=problem)
         return None
@@ -75,6 +77,8 @@ def _r2_call(args: Namespace, target: bytes, service: bytes, timeouts: Timeouts)
 
 
 def _trigger_call(args: Namespace, frame: bytes, timeouts: Timeouts) -> int:
+    from ._call import call_with_stdio  # noqa: PLC0415 (as in run: the vchan server)
+
     trigger, domain, port = ask_agent(args.agent_socket, frame, timeouts, raw_socket)
     # The socket stays open for the whole call: closing it tells the agent we are done.
     try:

@@ -17,7 +17,6 @@ from fcntl import F_GETFL, F_SETFL, fcntl
 
 from ..protocol import (
     CLOSE_OUTPUT,
-    DATA_RING_SIZE,
     FINISHED,
     HEADER_SIZE,
     PROTOCOL_VERSION,
@@ -30,15 +29,17 @@ from ..protocol import (
     RemoteProtocolError,
     negotiate_version,
 )
-from ._vchan import PeerGone, serve_one
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
-    from .._config import Timeouts
     from ..protocol import Event
     from ._vchan import DataVchan
+
+class PeerGone(OSError):
+    """The other end of the vchan went away while we were sending."""
+
 
 IN: int = select.POLLIN | select.POLLHUP | select.POLLERR
 OUT: int = select.POLLOUT | select.POLLHUP | select.POLLERR
@@ -319,7 +320,6 @@ class CallerLoop:
         elif data is not None:
             self._reader.feed(data)
 
-
 def close_stdout() -> None:
     """End our output for its reader: fd 1 itself is closed; /dev/null keeps the number."""
     null = os.open(os.devnull, os.O_WRONLY)
@@ -327,24 +327,3 @@ def close_stdout() -> None:
         os.dup2(null, 1)
     finally:
         os.close(null)
-
-
-def call_with_stdio(domain: int, port: int, *, accept_timeout: float, timeouts: Timeouts,
-                    prefix: bytes, filter_output: bool, filter_errors: bool,
-                    ring: int = DATA_RING_SIZE) -> int | None:
-    """Serve a call's data vchan to ``domain`` on ``port`` and run the caller's side with
-    our own stdin, stdout and stderr: the remote exit status (None: the vchan ended first).
-    """
-    vchan = serve_one(domain, port, timeout=accept_timeout, read_min=ring, write_min=ring)
-    try:
-        reader = exchange_hello(vchan, timeout=timeouts.handshake)
-        assert reader.version is not None
-        session = CallerSession(reader.version, filter_output=filter_output,
-                                filter_errors=filter_errors)
-        loop = CallerLoop(vchan, reader, session, input_fd=0, output_fd=1, errors_fd=2,
-                          close_output=close_stdout, prefix=prefix)
-        status = loop.run()
-        loop.finish_input(timeouts.send_finish)
-    finally:
-        vchan.close()
-    return status

@@ -27,6 +27,7 @@ from _socket import socket as raw_socket
 from ..protocol import DATA_RING_SIZE
 from ..xen._errors import VchanConnectTimeout, VchanError
 from ..xen._offer import Offer, local_own_domain, local_socket_dir, server_path
+from ._io import PeerGone
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -39,10 +40,6 @@ if TYPE_CHECKING:
 #: socket has no ring to measure), as the trio backend does.
 _SOCKET_SPACE: Final = 65536
 _RECEIVE_SIZE: Final = 65536 + 8
-
-
-class PeerGone(OSError):
-    """The other end of the vchan went away while we were sending."""
 
 
 def backend_name() -> str:

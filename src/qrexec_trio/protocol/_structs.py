@@ -8,7 +8,8 @@ receiver would accept with :class:`LocalProtocolError`.
 
 from __future__ import annotations
 
-import struct
+# _struct is what struct re-exports: one module fewer on the clients' start-up.
+import _struct as struct
 
 from .._light import frozen_record
 from ._constants import (

@@ -49,8 +49,9 @@ longer unclaimed, or its sockets expired unclaimed).
 
 from __future__ import annotations
 
+# _struct is what struct re-exports: one module fewer on the clients' start-up.
+import _struct as struct
 import os
-import struct
 
 from ._errors import LocalProtocolError, RemoteProtocolError
 
