@@ -14,6 +14,7 @@ import stat
 import sys
 import time
 from _socket import AF_UNIX, SOCK_STREAM
+from _socket import socket as raw_socket
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -126,6 +127,20 @@ def connect_blocking(path: str, *, timeout: float, make: Callable[[int, int], S]
         time.sleep(pause)
     sock.setblocking(True)
     return sock
+
+
+def recv_by(sock: raw_socket, size: int, deadline: float) -> bytes:
+    """At most ``size`` bytes from a blocking socket, by ``deadline`` (``time.monotonic``);
+    ``b""`` at its end (a reset too: the peer is gone). :class:`TimeoutError` at the
+    deadline."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("timed out")
+    sock.settimeout(left)
+    try:
+        return sock.recv(size)
+    except ConnectionResetError:
+        return b""
 
 
 def ensure_standard_fds() -> None:

@@ -56,8 +56,14 @@ def run(args: Namespace, timeouts: Timeouts) -> int:
                                  filter_errors=args.filter_stderr)
     finally:
         daemon.close()
-    if status is None:
+    return final_status(args, status, None)
+
+
+def final_status(args: Namespace, remote: int | None, local: int | None) -> int:
+    """qrexec-client's exit status, either driver: the call's (``-E``: 0 once the remote
+    status came), from the remote status (None or negative: it never came)."""
+    if remote is None or remote < 0:
         log.warning("data vchan closed before the exit code")
-    if args.no_exit_code and status is not None:
+    elif args.no_exit_code:
         return 0
-    return caller_exit_code(status, None)
+    return caller_exit_code(remote, local)

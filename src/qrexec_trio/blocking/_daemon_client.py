@@ -19,7 +19,7 @@ import os
 import time
 
 from .._errors import QrexecError
-from .._unix import connect_blocking
+from .._unix import connect_blocking, recv_by
 from ..protocol import (
     CLIENT_PROTOCOL_VERSION,
     Direction,
@@ -29,6 +29,7 @@ from ..protocol import (
     RemoteProtocolError,
     negotiate_version,
 )
+from ._io import feed
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -91,18 +92,10 @@ def _next_event(sock: raw_socket, reader: MessageReader, deadline: float) -> Eve
     while (event := reader.next_event()) is None:
         if reader.at_clean_eof:
             return None
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("qrexec-daemon did not answer in time")
-        sock.settimeout(left)
         try:
-            data = sock.recv(65536)
-        except ConnectionResetError:
-            data = b""
-        if data:
-            reader.feed(data)
-        else:
-            reader.feed_eof()
+            feed(reader, recv_by(sock, 65536, deadline))
+        except TimeoutError:
+            raise TimeoutError("qrexec-daemon did not answer in time") from None
     return event
 
 

@@ -32,10 +32,11 @@ from ..protocol import (
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
 
     from ..protocol import Event
     from ._vchan import DataVchan
+
 
 class PeerGone(OSError):
     """The other end of the vchan went away while we were sending."""
@@ -71,6 +72,11 @@ class HandshakeTimeout(TimeoutError):
     """The peer sent no HELLO in time."""
 
 
+def remaining_ms(deadline: float | None) -> int | None:
+    """poll()'s timeout until ``deadline`` (a ``time.monotonic`` value; None: never)."""
+    return None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+
+
 def wait(fds: dict[int, int], deadline: float | None, *, look_only: bool = False
          ) -> dict[int, int]:
     """poll() the ``fds`` (fd -> events); what happened, {} at the deadline.
@@ -78,11 +84,15 @@ def wait(fds: dict[int, int], deadline: float | None, *, look_only: bool = False
     poller = select.poll()
     for fd, events in fds.items():
         poller.register(fd, events)
-    if look_only:
-        timeout: int | None = 0
-    else:
-        timeout = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
-    return dict(poller.poll(timeout))
+    return dict(poller.poll(0 if look_only else remaining_ms(deadline)))
+
+
+def feed(reader: MessageReader, data: bytes | None) -> None:
+    """What a non-blocking receive gave (:func:`read_some`'s convention) into ``reader``."""
+    if data == b"":
+        reader.feed_eof()
+    elif data is not None:
+        reader.feed(data)
 
 
 def poll_round(vchan: DataVchan, local: dict[int, int], deadline: float | None, *,
@@ -115,24 +125,16 @@ def _wait_vchan(vchan: DataVchan, deadline: float | None, *, reading: bool = Fal
             return False
 
 
-def _events(reader: MessageReader, vchan: DataVchan,
-            deadline: float | None) -> Iterator[Event | None]:
-    """The reader's events as they come (None: the vchan ended between messages)."""
-    while True:
-        event = reader.next_event()
-        if event is not None:
-            yield event
-            continue
+def _next_event(reader: MessageReader, vchan: DataVchan,
+                deadline: float | None) -> Event | None:
+    """The reader's next event (None: the vchan ended between messages)."""
+    while (event := reader.next_event()) is None:
         if reader.at_clean_eof:
-            yield None
-            return
+            return None
         if not _wait_vchan(vchan, deadline, reading=True):
             raise HandshakeTimeout("no HELLO from the service side in time")
-        data = vchan.receive()
-        if data == b"":
-            reader.feed_eof()
-        elif data is not None:
-            reader.feed(data)
+        feed(reader, vchan.receive())
+    return event
 
 
 def _send_all(vchan: DataVchan, data: bytes, deadline: float | None) -> None:
@@ -148,7 +150,7 @@ def exchange_hello(vchan: DataVchan, *, timeout: float) -> MessageReader:
     deadline = time.monotonic() + timeout
     _send_all(vchan, Hello(PROTOCOL_VERSION).encode(), deadline)
     reader = MessageReader(Direction.SERVICE_TO_CALLER)
-    event = next(_events(reader, vchan, deadline))
+    event = _next_event(reader, vchan, deadline)
     if event is None:
         raise RemoteProtocolError("hello", "peer closed before its HELLO")
     assert isinstance(event, Hello)  # the reader lets nothing else through first
@@ -182,12 +184,8 @@ class NonBlocking:
                 pass
 
     def restore(self) -> None:
-        for fd, flags in self._saved.items():
-            try:
-                fcntl(fd, F_SETFL, flags)
-            except OSError:
-                pass
-        self._saved.clear()
+        for fd in list(self._saved):
+            self.restore_one(fd)
 
 
 class CallerLoop:
@@ -200,6 +198,7 @@ class CallerLoop:
         self._reader = reader
         self._session = session
         self._input_fd = input_fd
+        self._output_fd = output_fd
         self._fds = {WRITE_OUTPUT: output_fd, WRITE_ERRORS: errors_fd}
         self._close_output = close_output
         #: Whole frames on their way into the vchan.
@@ -253,7 +252,7 @@ class CallerLoop:
             return True
         what, data = action
         if what == CLOSE_OUTPUT:
-            modes.restore_one(self._fds[WRITE_OUTPUT] or -1)
+            modes.restore_one(self._output_fd)
             self._close_output()
         elif what != FINISHED:
             fd = self._fds[what]
@@ -314,11 +313,8 @@ class CallerLoop:
             self._input_fd = None
 
     def _receive(self) -> None:
-        data = self._vchan.receive()
-        if data == b"":
-            self._reader.feed_eof()
-        elif data is not None:
-            self._reader.feed(data)
+        feed(self._reader, self._vchan.receive())
+
 
 def close_stdout() -> None:
     """End our output for its reader: fd 1 itself is closed; /dev/null keeps the number."""

@@ -22,7 +22,7 @@ from ..protocol import (
     ServiceRefused,
     filter_escape_chars,
 )
-from ._io import IN, OUT, NonBlocking, read_some, wait, write_some
+from ._io import IN, OUT, NonBlocking, feed, read_some, wait, write_some
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -156,13 +156,7 @@ class _StatusChannel:
         self._take_events()
 
     def _receive(self) -> None:
-        data = read_some(self._fd, _CHUNK)
-        if data is None:
-            return
-        if data:
-            self._reader.feed(data)
-        else:
-            self._reader.feed_eof()
+        feed(self._reader, read_some(self._fd, _CHUNK))
 
     def _take_events(self) -> None:
         while not self._errors and not self.done:

@@ -18,7 +18,6 @@ looks) and again with what poll reported for :meth:`~BlockingVchan.fileno`.
 from __future__ import annotations
 
 import errno
-import os
 import select
 import time
 from _socket import SOCK_SEQPACKET, SOCK_STREAM
@@ -27,7 +26,8 @@ from _socket import socket as raw_socket
 from ..protocol import DATA_RING_SIZE
 from ..xen._errors import VchanConnectTimeout, VchanError
 from ..xen._offer import Offer, local_own_domain, local_socket_dir, server_path
-from ._io import PeerGone
+from ..xen._registry import chosen_backend_name
+from ._io import PeerGone, remaining_ms, wait
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -42,18 +42,10 @@ _SOCKET_SPACE: Final = 65536
 _RECEIVE_SIZE: Final = 65536 + 8
 
 
-def backend_name() -> str:
-    """The backend this process uses: ``$QREXEC_VCHAN``, else xen under Xen, else socket."""
-    chosen = os.environ.get("QREXEC_VCHAN")
-    if chosen:
-        return chosen
-    return "xen" if os.path.exists("/dev/xen") else "socket"
-
-
 def backend_problem() -> str | None:
     """Why this driver cannot serve a vchan here (None if it can); the trio
     implementation then runs the call, and reports the problem if it has it too."""
-    name = backend_name()
+    name = chosen_backend_name()
     if name == "socket":
         return None
     if name == "shm":
@@ -154,10 +146,7 @@ class RingBlockingVchan:
         reported for its fd (0: nothing, or not polled yet). Asks the peer to
         signal the next change of what it looks at."""
         if revents:
-            try:
-                self._driver.wait()  # consume the event, or the fd stays readable
-            except OSError as exc:
-                raise VchanError(f"vchan event channel failed: {exc}") from exc
+            _consume_event(self._driver)  # or the fd stays readable
         can = 0
         # A closed peer ends reading (receive says so) and writing (send says so).
         if reading and (self._driver.data_ready() > 0 or self._driver.is_open() == 0):
@@ -203,7 +192,7 @@ def serve_one(peer_domain: int, port: int, *, timeout: float,
     :class:`~qrexec_trio.xen.VchanError` if it cannot be offered."""
     forever = not timeout or timeout == float("inf")
     deadline = None if forever else time.monotonic() + timeout
-    name = backend_name()
+    name = chosen_backend_name()
     if name == "shm":
         return _serve_shm(peer_domain, port, timeout, deadline, read_min=read_min,
                           write_min=write_min)
@@ -213,15 +202,17 @@ def serve_one(peer_domain: int, port: int, *, timeout: float,
     return _serve_socket(peer_domain, port, timeout, deadline)
 
 
-def _remaining_ms(deadline: float | None) -> int | None:
-    return None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
-
-
 def _wait_readable(fd: int, deadline: float | None) -> bool:
     """Whether ``fd`` became readable (or hung up) before the deadline (None: never)."""
-    waiting = select.poll()
-    waiting.register(fd, select.POLLIN)
-    return bool(waiting.poll(_remaining_ms(deadline)))
+    return bool(wait({fd: select.POLLIN}, deadline))
+
+
+def _consume_event(driver: RingDriver) -> None:
+    """Take one event off a ring's event channel (its fd was readable)."""
+    try:
+        driver.wait()
+    except OSError as exc:
+        raise VchanError(f"vchan event channel failed: {exc}") from exc
 
 
 def _timed_out(peer_domain: int, port: int, timeout: float) -> VchanConnectTimeout:
@@ -263,10 +254,7 @@ def _wait_connected(driver: RingDriver, deadline: float | None) -> bool:
     while driver.is_open() == 2:
         if not _wait_readable(fd, deadline):
             return False
-        try:
-            driver.wait()
-        except OSError as exc:
-            raise VchanError(f"vchan event channel failed: {exc}") from exc
+        _consume_event(driver)
     return True
 
 
@@ -310,7 +298,7 @@ def _send_hello(conn: int, setup: ShmServerSetup, peer_domain: int, port: int,
     try:
         # A fresh connection's queue has room for the hello; the timeout only
         # bounds the unthinkable.
-        remaining = _remaining_ms(deadline)
+        remaining = remaining_ms(deadline)
         sock.settimeout(None if remaining is None else max(remaining, 1) / 1000)
         sock.sendmsg([setup.hello], setup.hello_fds())
     except OSError as exc:

@@ -16,7 +16,7 @@ import time
 
 from .._errors import QrexecError
 from .._logging import bind_context, get_logger
-from .._unix import connect_blocking, has_kind
+from .._unix import connect_blocking, has_kind, recv_by
 from ..protocol import DATA_RING_SIZE, ProtocolError, TriggerAnswer, TriggerService
 from ..protocol._vm_local import (
     FD_NUMBER,
@@ -168,14 +168,7 @@ def _receive_exactly(sock: raw_socket, size: int, deadline: float) -> bytes | No
     """``size`` bytes from a blocking socket by ``deadline``; None if it ended first."""
     data = b""
     while len(data) < size:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError
-        sock.settimeout(left)
-        try:
-            chunk = sock.recv(size - len(data))
-        except ConnectionResetError:
-            chunk = b""
+        chunk = recv_by(sock, size - len(data), deadline)
         if not chunk:
             return None
         data += chunk

@@ -19,6 +19,7 @@ from .._defaults import QUBESD_SOCKET, QUBESD_SOCKET_ENV
 from .._errors import QrexecError
 from .._logging import get_logger
 from .._options import Namespace
+from ..blocking._client import final_status
 from ..domains import DomainsError, QubesdDomains
 from ..nursery import (
     CONNECTIONS,
@@ -27,7 +28,6 @@ from ..nursery import (
     FramedLink,
     call_data,
     call_id,
-    caller_exit_code,
     child_process,
     control_socket_path,
     open_caller_link,
@@ -122,7 +122,7 @@ async def _run_call(args: Namespace, backend: VchanBackend, timeouts: Timeouts) 
                     filter_stdout=args.filter_stdout, filter_stderr=args.filter_stderr,
                 )
                 status = await call_data(link, end, finish_timeout=timeouts.send_finish)
-    return _final_status(args, status, None)
+    return final_status(args, status, None)
 
 
 async def _kill_target(target: str, timeouts: Timeouts) -> None:
@@ -157,15 +157,7 @@ async def _call_with_local_program(
         status = await call_data(link, end, finish_timeout=timeouts.send_finish)
         await close_program_input()
         local = process_exit_status(await proc.wait())
-    return _final_status(args, status, local)
-
-
-def _final_status(args: Namespace, remote: int, local: int | None) -> int:
-    if remote < 0:
-        log.warning("data vchan closed before the exit code")
-    if args.no_exit_code and remote >= 0:
-        return 0
-    return caller_exit_code(remote, local)
+    return final_status(args, status, local)
 
 
 # -- -c: answering a VM's pending request ----------------------------------------

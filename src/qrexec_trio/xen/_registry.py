@@ -10,12 +10,22 @@ imported only when chosen, so a machine without them still runs the others.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from typing import Final
 
 from .._config import Timeouts
-from ._interface import VchanBackend, VchanError
-from ._socket import SocketBackend
+from ._errors import VchanError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Final
+
+    from ._interface import VchanBackend
+
+
+def _socket(send_finish: float) -> VchanBackend:
+    from ._socket import SocketBackend  # noqa: PLC0415 (trio: the blocking driver must not)
+
+    return SocketBackend(send_finish=send_finish)
 
 
 def _shm(send_finish: float) -> VchanBackend:
@@ -36,7 +46,7 @@ def _xen(send_finish: float) -> VchanBackend:
 
 
 _FACTORIES: Final[dict[str, Callable[[float], VchanBackend]]] = {
-    "socket": lambda send_finish: SocketBackend(send_finish=send_finish),
+    "socket": _socket,
     "shm": _shm,
     "xen": _xen,
 }
@@ -53,6 +63,12 @@ def default_backend_name() -> str:
     return "xen" if os.path.exists("/dev/xen") else LOCAL_DEFAULT
 
 
+def chosen_backend_name(name: str | None = None) -> str:
+    """``name``, else ``$QREXEC_VCHAN``, else the default (the blocking driver asks this
+    too, without building a backend)."""
+    return name or os.environ.get("QREXEC_VCHAN") or default_backend_name()
+
+
 def get_backend(name: str | None = None, *, send_finish: float | None = None) -> VchanBackend:
     """The backend named ``name``, else ``$QREXEC_VCHAN``, else the default.
 
@@ -61,7 +77,7 @@ def get_backend(name: str | None = None, *, send_finish: float | None = None) ->
     """
     if send_finish is None:
         send_finish = Timeouts().send_finish
-    chosen = name or os.environ.get("QREXEC_VCHAN") or default_backend_name()
+    chosen = chosen_backend_name(name)
     factory = _FACTORIES.get(chosen)
     if factory is None:
         raise VchanError(
