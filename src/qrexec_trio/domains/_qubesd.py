@@ -33,6 +33,7 @@ from typing import Any, Final
 import trio
 
 from .._config import Timeouts
+from .._defaults import QUBESD_SOCKET
 from .._logging import get_logger
 from .._sockets import connect_unix
 from ..protocol import is_qube_name
@@ -56,7 +57,7 @@ from ._interface import Domain, DomainsError
 
 log = get_logger(__name__)
 
-DEFAULT_QUBESD_SOCKET: Final = "/run/qubesd.sock"
+DEFAULT_QUBESD_SOCKET: Final = QUBESD_SOCKET
 #: qubesd's socket for dom0's own components (``internal.*`` calls).
 DEFAULT_QUBESD_INTERNAL_SOCKET: Final = "/run/qubesd.internal.sock"
 SYSTEM_INFO_CALL: Final = "internal.GetSystemInfo"

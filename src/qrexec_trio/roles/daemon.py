@@ -27,6 +27,7 @@ import structlog
 import trio
 
 from .._config import Timeouts
+from .._defaults import DAEMON_SOCKET_DIR
 from .._errors import QrexecError
 from .._ledgers import daemon_dispvm_ledger, daemon_groups_ledger
 from .._logging import get_logger
@@ -92,7 +93,7 @@ from .policy_agent import DEFAULT_POLICY_AGENT, PolicyAgentCaller, valid_agent_n
 
 log = get_logger(__name__)
 
-DEFAULT_SOCKET_DIR: Final = "/var/run/qubes"
+DEFAULT_SOCKET_DIR: Final = DAEMON_SOCKET_DIR
 DEFAULT_LOG_DIR: Final = "/var/log/qubes"
 #: Set in the environment of the background daemon: the fd to report readiness on.
 READY_FD_ENV: Final = "QREXEC_TRIO_READY_FD"

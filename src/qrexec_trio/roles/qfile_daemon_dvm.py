@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import trio
 
 from .._config import Timeouts
+from .._defaults import QUBESD_SOCKET, QUBESD_SOCKET_ENV
 from .._logging import get_logger
 from .._programs import program
 from ..domains import DomainsError, QubesdDomains, disposable
@@ -25,7 +26,6 @@ from ._cli import add_logging_options, run_until_signal, setup_logging
 from .daemon import DEFAULT_SOCKET_DIR
 
 log = get_logger(__name__)
-DEFAULT_QUBESD_SOCKET = "/run/qubesd.sock"
 
 
 async def run_in_dispvm(args: argparse.Namespace, timeouts: Timeouts) -> int:
@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("user", metavar="USER")
     parser.add_argument("--template", help="the DispVM template (default: SRC's default)")
     parser.add_argument("--qubesd-socket", default=os.environ.get(
-        "QREXEC_QUBESD_SOCKET", DEFAULT_QUBESD_SOCKET))
+        QUBESD_SOCKET_ENV, QUBESD_SOCKET))
     parser.add_argument("--socket-dir", default=DEFAULT_SOCKET_DIR)
     add_logging_options(parser, default="warning")
     args = parser.parse_args(argv)
