@@ -21,7 +21,7 @@ import shutil
 import signal
 import subprocess
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from typing import Final, final
 
 import trio
@@ -42,8 +42,9 @@ _CATCHER_ARGV: Final = (CATCHER_NAME, "2147483647")
 class StdioSwitch:
     """One connection's SIGUSR1 stand-in; :attr:`pid` is the service's QREXEC_AGENT_PID."""
 
-    def __init__(self, catcher: trio.Process) -> None:
+    def __init__(self, catcher: trio.Process, settle_timeout: float) -> None:
         self._catcher = catcher
+        self._settle_timeout = settle_timeout
         self.pid = catcher.pid
         #: Set once the service asked for the switch.
         self.flipped = trio.Event()
@@ -64,6 +65,24 @@ class StdioSwitch:
         if not self.flipped.is_set() and self._catcher.poll() == -signal.SIGUSR1:
             self._flip()
         return self.flipped.is_set()
+
+    async def settle(self) -> bool:
+        """Whether the service asked for the switch: the final answer, for its output's end.
+
+        Polling the catcher is not enough. ``kill`` returns once the signal is
+        queued, so on a busy machine the service can write to fd 0, exit and
+        close its pipe before anyone sees the catcher die: its output would be
+        lost. A SIGUSR1 already sent is the catcher's fate even before it dies
+        (the kernel records a fatal signal's exit status when it is sent, and a
+        pending SIGUSR1 is taken before a later SIGTERM), so stopping the
+        catcher ourselves and waiting for it tells for certain.
+        """
+        if not self.flipped.is_set():
+            with suppress(ProcessLookupError):
+                self._catcher.terminate()
+            with trio.move_on_after(self._settle_timeout):
+                await self._catcher.wait()
+        return self.check()
 
     def _flip(self) -> None:
         self.flipped.set()
@@ -91,7 +110,7 @@ async def stdio_switch(timeouts: Timeouts, ledger: GroupLedger | None = None
                              timeouts=timeouts, ledger=ledger,
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL) as catcher:
-        yield StdioSwitch(catcher)
+        yield StdioSwitch(catcher, timeouts.cleanup)
 
 
 @final
@@ -100,8 +119,8 @@ class SwitchableOutput(trio.abc.ReceiveStream):
 
     A pipe read in progress when the switch flips is abandoned (nothing is
     lost: trio's reads are cancellable without consuming data). At the pipe's
-    end-of-file the switch is checked once more, since the service may have
-    signalled and exited before its catcher's death was noticed.
+    end-of-file the switch is settled (:meth:`StdioSwitch.settle`), since the
+    service may have signalled and exited before its catcher's death was noticed.
     """
 
     def __init__(self, pipe: trio.abc.ReceiveStream, socket: trio.abc.ReceiveStream,
@@ -127,7 +146,7 @@ class SwitchableOutput(trio.abc.ReceiveStream):
                 data = await self._pipe.receive_some(max_bytes)
             finally:
                 self._switch.reading = None
-        if data is None or (not data and self._switch.check()):
+        if data is None or (not data and await self._switch.settle()):
             return None
         return data
 
