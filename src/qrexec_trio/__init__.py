@@ -16,7 +16,10 @@ short-lived client does) does not import trio.
 
 # No __future__ or typing import (typing.TYPE_CHECKING): every client imports
 # this package first, so it imports nothing but the light _lazy.
+from . import _structlog_without_rich
 from ._lazy import lazy_attributes
+
+_structlog_without_rich.install()
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ imports them

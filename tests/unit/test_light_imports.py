@@ -155,6 +155,7 @@ bind_context = structlog.contextvars.bind_contextvars
 _LOGGING_PROGRAM = '''
 import io, sys
 if sys.argv[1] == "before":
+    import qrexec_trio  # as in every program: structlog without rich (see its __init__)
     sys.path.insert(0, sys.argv[3])
     from structlog_as_before import bind_context, configure_logging, get_logger
 else:
@@ -262,3 +263,15 @@ def test_a_program_using_structlog_directly_gets_the_configuration() -> None:
 def test_an_unknown_level_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown log level 'loud'"):
         configure_logging("loud")
+
+
+def test_structlog_does_not_load_rich_but_top_can() -> None:
+    # rich is installed (qrexec-trio top draws with it); structlog would import
+    # it for its tracebacks in every program that logs, long-lived ones included.
+    program = ("import sys, qrexec_trio, structlog\n"
+               "print('rich' in sys.modules, structlog.dev.rich)\n"
+               "import rich.table\n"
+               "print(rich.table.Table.__name__)\n")
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                            check=True, timeout=60)
+    assert result.stdout.split() == ["False", "None", "Table"]
