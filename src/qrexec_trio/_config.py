@@ -32,6 +32,10 @@ class Timeouts:
     cleanup: float = 5.0
     #: After SIGTERM to a process group, wait this long before SIGKILL.
     kill_grace: float = 2.0
+    #: A long-lived program told to stop (SIGTERM) lets its live connections
+    #: finish for this long, then cancels them (``--stop-grace``). Keep it
+    #: below systemd's ``TimeoutStopSec`` (90 s by default).
+    stop_grace: float = 10.0
     #: A frame whose sending was interrupted by cancellation may take this long to finish.
     send_finish: float = 2.0
     #: Sockets accepted on the agent's fdpass socket must be claimed by a trigger
