@@ -236,6 +236,9 @@ class Host:
         )
         # Keep waits short so that a broken test fails fast instead of hanging.
         env.setdefault("QREXEC_TIMEOUT_DATA_VCHAN_CONNECT", "20")
+        # A stop (the harness's SIGTERM at a test's end) cancels live calls at
+        # once, as before graceful stops: tests of the grace set their own.
+        env.setdefault("QREXEC_TIMEOUT_STOP_GRACE", "0")
         env.update(extra)
         return env
 

@@ -1,8 +1,11 @@
 """structlog set-up shared by every program, and loggers that import it only when needed.
 
 Logs go to stderr (stdout is payload for qrexec-client and services). On a
-terminal they are rendered for people; anywhere else (systemd, files, tests)
-as JSON lines. Each connection binds its context once with
+terminal they are rendered for people, in colour unless ``NO_COLOR`` is set;
+anywhere else (systemd, files, tests) as JSON lines. When stderr is the
+journal (``JOURNAL_STREAM`` names it, as systemd sets it), each line starts
+with its syslog priority (``<6>`` for info...), so ``journalctl -p`` can
+filter them. Each connection binds its context once with
 :func:`structlog.contextvars.bound_contextvars`; trio copies context
 variables into child tasks, so everything a connection logs carries it.
 
@@ -18,6 +21,7 @@ context, before or after structlog is loaded.
 
 from __future__ import annotations
 
+import os
 import sys
 from _contextvars import ContextVar  # what contextvars re-exports: one module fewer
 
@@ -36,21 +40,27 @@ _ERROR: Final = 40
 _CRITICAL: Final = 50
 _LEVEL_NUMBERS: Final = dict(zip(LEVELS, (_DEBUG, _INFO, _WARNING, _ERROR, _CRITICAL),
                                  strict=True))
+#: The syslog priority of each logging method, for the journal's ``<N>`` prefix.
+_PRIORITIES: Final = {"debug": 7, "info": 6, "warning": 4, "warn": 4, "error": 3,
+                      "exception": 3, "critical": 2}
 
 
 class _Settings:
     """What :func:`configure_logging` was asked for, until structlog is configured with it."""
 
-    __slots__ = ("json", "level", "stream")
+    __slots__ = ("colour", "journal", "json", "level", "stream")
 
     def __init__(self, level: int, stream: TextIO, json: bool) -> None:
         self.level = level
         self.stream = stream
         self.json = json
+        # Decided now, with the environment of configure_logging's caller.
+        self.journal = stream_is_journal(stream)
+        self.colour = not json and wants_colour(stream)
 
 
 class _State:
-    __slots__ = ("pending", "threshold")
+    __slots__ = ("pending", "settings", "threshold")
 
     def __init__(self) -> None:
         #: Records below this level are dropped without importing structlog. 0
@@ -58,9 +68,39 @@ class _State:
         self.threshold = 0
         #: Settings not yet given to structlog.
         self.pending: _Settings | None = None
+        #: Settings structlog was last configured with.
+        self.settings: _Settings | None = None
 
 
 _state = _State()
+
+
+def stream_is_journal(stream: TextIO) -> bool:
+    """Whether ``stream`` is the journal: ``$JOURNAL_STREAM`` is its ``DEV:INODE``.
+
+    systemd sets the variable for a service whose stderr (or stdout) it
+    connected to the journal; a child that redirected its stderr elsewhere
+    still inherits it, so the file itself must match.
+    """
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    if not expected:
+        return False
+    try:
+        status = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False  # no file behind it (io.StringIO: UnsupportedOperation is an OSError)
+    return expected == f"{status.st_dev}:{status.st_ino}"
+
+
+def wants_colour(stream: TextIO) -> bool:
+    """Colour for a terminal, unless ``$NO_COLOR`` says otherwise (no-color.org:
+    any non-empty value)."""
+    if os.environ.get("NO_COLOR"):
+        return False
+    try:
+        return stream.isatty()
+    except (OSError, ValueError):
+        return False
 #: Fields bound by bind_context while structlog was not loaded; the processor
 #: configure_logging installs logs them (structlog's own contextvars win: they
 #: were bound later).
@@ -114,26 +154,52 @@ def _merge_bound_context(logger: Any, method_name: str, event_dict: dict[str, An
     return event_dict
 
 
+class _StampUnlessStamped:
+    """A structlog processor: time a record now, unless it was written elsewhere
+    (:func:`relay`): then its own time stays."""
+
+    __slots__ = ("_stamper",)
+
+    def __init__(self, stamper: Any) -> None:
+        self._stamper = stamper
+
+    def __call__(self, logger: Any, method_name: str, event_dict: dict[str, Any]
+                 ) -> dict[str, Any]:
+        if "timestamp" in event_dict:
+            return event_dict
+        result: dict[str, Any] = self._stamper(logger, method_name, event_dict)
+        return result
+
+
+def _journal_priority(logger: Any, method_name: str, rendered: str) -> str:
+    """After the renderer: the record's syslog priority, as the journal reads it."""
+    return f"<{_PRIORITIES.get(method_name, 6)}>{rendered}"
+
+
 def _configure_structlog() -> None:
     settings, _state.pending = _state.pending, None
     if settings is None:
         return
+    _state.settings = settings
     import structlog  # noqa: PLC0415 (loaded only when needed: see the module doc)
 
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if settings.json
-        else structlog.dev.ConsoleRenderer(colors=False)
+        else structlog.dev.ConsoleRenderer(colors=settings.colour)
     )
+    stamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
     processors: list[Any] = [
         structlog.contextvars.merge_contextvars,
         _merge_bound_context,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _StampUnlessStamped(stamper),
     ]
     if settings.json:
         processors.append(structlog.processors.dict_tracebacks)
     processors.append(renderer)
+    if settings.journal:
+        processors.append(_journal_priority)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(settings.level),
@@ -193,3 +259,53 @@ class Logger:
 
 def get_logger(name: str) -> Logger:
     return Logger(name)
+
+
+def relay(record: dict[str, Any]) -> None:
+    """Log a record another program wrote as a JSON line, as if it were ours.
+
+    It keeps its own fields (its ``program``, ``timestamp``, ``call``...), and
+    is written at its own level if that passes our threshold: the world shows
+    its programs' logs in its own format (colour, journal priority) this way.
+    """
+    fields = dict(record)
+    level = str(fields.pop("level", "info"))
+    method = level if level in _LEVEL_NUMBERS else "info"
+    if _state.threshold > _LEVEL_NUMBERS[method]:
+        return
+    event = str(fields.pop("event", ""))
+    exception = fields.get("exception")
+    settings = _state.pending or _state.settings
+    if exception is not None and not isinstance(exception, str) and not (
+            settings is not None and settings.json):
+        # dict_tracebacks' structure, which a console renderer cannot show.
+        fields["exception"] = repr(exception)
+    _relay_logger._emit(method, event, (), fields)
+
+
+_relay_logger = Logger("qrexec_trio.relay")
+
+
+def announce(text: str, **fields: Any) -> None:
+    """Tell the reader ``text`` whatever the log level: a plain line for people
+    (a console), an info record with ``fields`` for machines (JSON lines).
+
+    For what a program reports as its output on stderr (the world's line per
+    call), not for diagnostics.
+    """
+    if _state.pending is not None:
+        _configure_structlog()
+    settings = _state.settings
+    if settings is None or not settings.json:
+        stream = settings.stream if settings is not None else sys.stderr
+        stream.write(text + "\n")
+        stream.flush()
+        return
+    import structlog  # noqa: PLC0415 (loaded only when needed: see the module doc)
+
+    # A logger of its own that no threshold filters, with every processor of ours.
+    config = structlog.get_config()
+    logger = structlog.wrap_logger(
+        config["logger_factory"](), processors=config["processors"],
+        wrapper_class=structlog.make_filtering_bound_logger(0))
+    logger.info(text, **fields)

@@ -15,7 +15,8 @@ reference programs do:
 
 Usage errors print a usage line and ``PROG: error: MESSAGE`` to stderr and
 exit with the program's usage status; ``-h``/``--help`` prints the help to
-stdout and exits 0. Messages keep argparse's wording, which the programs
+stdout and exits 0, and ``--version`` (for the programs that take it)
+``PROG VERSION``. Messages keep argparse's wording, which the programs
 used before.
 
 Only ``sys`` is imported at run time: this module is on the
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import sys
 
+from . import __version__
 from ._logging import LEVELS, configure_logging
 
 TYPE_CHECKING = False
@@ -37,8 +39,8 @@ if TYPE_CHECKING:
     #: What an option does when given: ``store`` its value (the last one
     #: wins), store it ``once`` (a second time is a usage error), store
     #: ``true`` or ``false``, ``count`` how often it was given, or print the
-    #: ``help``.
-    Action = Literal["store", "once", "true", "false", "count", "help"]
+    #: ``help`` or the ``version``.
+    Action = Literal["store", "once", "true", "false", "count", "help", "version"]
 
 _UNSET = object()
 _TAKES_VALUE = ("store", "once")
@@ -119,6 +121,12 @@ class Namespace:
 
 
 HELP = Option("-h", "--help", action="help", help="show this help and exit")
+VERSION = Option(None, "--version", action="version", help="print the version and exit")
+
+
+def version_line(prog: str) -> str:
+    """``PROG VERSION``, as every program's ``--version`` prints it."""
+    return f"{prog} {__version__}"
 
 
 class Parser:
@@ -128,9 +136,13 @@ class Parser:
         self, prog: str, options: Sequence[Option], operands: Sequence[Operand], *,
         description: str = "", epilog: str = "", usage_status: int = 2,
         stop_at_operand: bool = False, exclusive: Sequence[tuple[str, ...]] = (),
+        version: bool = False,
     ) -> None:
         self.prog = prog
-        self.options = (HELP, *options)
+        # --version is opt-in: a new long name could make a prefix that a
+        # program's users abbreviate to ambiguous (getopt_long's rules).
+        extra: tuple[Option, ...] = (VERSION,) if version else ()
+        self.options = (HELP, *options, *extra)
         self.operands = tuple(operands)
         self.description = description
         self.epilog = epilog
@@ -147,7 +159,7 @@ class Parser:
         """Parse ``argv`` (without the program name); usage errors exit."""
         values: dict[str, object] = {}
         for option in self.options:
-            if option.action != "help":
+            if option.action not in ("help", "version"):
                 values.setdefault(option.dest, option.default)  # the first row's default wins
         given: dict[str, str] = {}  # dest -> the option that set it, for usage errors
         operands: list[str] = []
@@ -213,8 +225,9 @@ class Parser:
 
     def _apply(self, option: Option, spelling: str, value: str | None,
                values: dict[str, object], given: dict[str, str]) -> None:
-        if option.action == "help":
-            sys.stdout.write(self.format_help())
+        if option.action in ("help", "version"):
+            text = self.format_help() if option.action == "help" else version_line(self.prog)
+            sys.stdout.write(text if text.endswith("\n") else text + "\n")
             sys.stdout.flush()
             raise SystemExit(0)
         self._check_exclusive(option, given)

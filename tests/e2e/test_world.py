@@ -99,7 +99,7 @@ def test_dispvm_that_fails_to_start_is_refused_and_removed(world: RunningWorld) 
     squatter.write_text("squatter")
     result = world.run("call", "work", "@dispvm", "demo.Reverse", input=b"x")
     assert result.returncode == 126
-    assert b"Request refused" in result.stderr
+    assert b"qrexec-trio: call refused" in result.stderr
     wait_for(lambda: not world.dispvms(), what="the half-made DispVM to be removed")
     # The world goes on: without the squatter, the next DispVM works.
     squatter.unlink()

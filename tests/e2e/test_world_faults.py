@@ -364,17 +364,19 @@ def test_run_and_call_let_a_shared_worlds_group_connect_to_their_data_vchan(
         "vms": {"work": {"domid": 10, "runtime_dir": str(tmp_path)}}}))
     seen: list[int] = []
 
-    def execve(path: str, argv: list[str], env: dict[str, str]) -> None:
+    def client_main(argv: list[str], **options: object) -> int:
         seen.append(os.umask(0o022))
-        raise SystemExit(0)
+        return 0
 
-    monkeypatch.setattr(world_commands.os, "execve", execve)
+    # call and run run the clients in their own process, under the world's umask.
+    monkeypatch.setattr(world_commands.client, "main", client_main)
+    monkeypatch.setattr(world_commands.client_vm, "main", client_main)
+    monkeypatch.setattr(world_commands.os, "environ", dict(os.environ))
     before = os.umask(0o022)
     try:
-        for main, argv in ((world_commands.run_main, ["vault", "true"]),
-                           (world_commands.call_main, ["work", "vault", "demo.Echo"])):
-            with pytest.raises(SystemExit):
-                main(["--world", str(tmp_path), *argv])
+        for main, argv in ((world_commands.run_main, ["work", "true"]),
+                           (world_commands.call_main, ["work", "work", "demo.Echo"])):
+            assert main(["--world", str(tmp_path), *argv]) == 0
     finally:
         os.umask(before)
     assert seen == [umask, umask]

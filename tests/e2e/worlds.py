@@ -40,7 +40,8 @@ demo.Hold * work @dispvm allow
 
 
 class RunningWorld:
-    def __init__(self, host: Host, config: str, *extra_env: tuple[str, str]) -> None:
+    def __init__(self, host: Host, config: str, *extra_env: tuple[str, str],
+                 options: tuple[str, ...] = ("--log-level", "debug")) -> None:
         self.host = host
         self.config = host.root / "world.toml"
         self.config.write_text(config)
@@ -49,7 +50,7 @@ class RunningWorld:
         self.log = open(host.root / "world.log", "wb")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(
             [program("qrexec-trio"), "world", str(self.config), "--dir", str(self.dir),
-             "--log-level", "debug"],
+             *options],
             env=env, stdout=subprocess.PIPE, stderr=self.log, stdin=subprocess.DEVNULL)
         wait_for(lambda: (self.dir / "world.json").exists() or self.proc.poll() is not None,
                  timeout=60, what="the world to come up")

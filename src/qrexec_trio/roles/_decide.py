@@ -240,6 +240,15 @@ class EngineDecider:
         if self._agent is not None:
             self._agent.attach(nursery)
 
+    def reload(self) -> int:
+        """Read the policy files again now, whatever the cache believes (a
+        program's SIGHUP); how many rules the policy has. Decisions already
+        made keep the policy they were made with."""
+        previous = self._cache
+        self._cache = PolicyCache(previous.r2_dir, previous.policy_d)
+        previous.close()
+        return len(self._cache.policy().rules)
+
     async def _facts(self, source: str, target: str) -> SystemInfo:
         """The domains' facts; raises :class:`SystemInfoUnavailable`."""
         if isinstance(self._system_info, RequestNamesOnly):

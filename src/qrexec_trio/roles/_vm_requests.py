@@ -437,6 +437,8 @@ class VmRequests:
         self._unclaimed: ClaimTable[trio.SocketStream] = ClaimTable()
         #: The FIFO and the nursery its requests run in, while serving.
         self._fifo: tuple[int, trio.Nursery] | None = None
+        #: A graceful stop began: new requests are refused, live calls go on.
+        self._stopping = False
 
     # -- answers from dom0 (called by the agent's control loop) ----------------
 
@@ -445,6 +447,11 @@ class VmRequests:
 
     def refuse(self, ident: bytes) -> None:
         self._requests.answer(ident, None, "SERVICE_REFUSED")
+
+    def stop_accepting(self) -> None:
+        """A graceful stop: this VM's new requests are refused (at once, not
+        when the grace ends), the calls already connected go on."""
+        self._stopping = True
 
     def control_lost(self) -> None:
         """dom0's daemon went away: the requests it had are lost with it."""
@@ -473,6 +480,10 @@ class VmRequests:
 
     async def _ask_dom0(self, request: TriggerService) -> ServiceConnect | None:
         """Forward a validated request; dom0's MSG_SERVICE_CONNECT, or ``None`` if refused."""
+        if self._stopping:
+            await trio.lowlevel.checkpoint()
+            log.warning("request refused: agent stopping")
+            return None
         trigger = self._trigger_for_dom0(request)
         if trigger is None:
             return None

@@ -28,9 +28,9 @@ import trio
 
 from .._config import Timeouts
 from .._errors import QrexecError
+from .._help import finish_parser
 from .._ledgers import agent_groups_ledger
 from .._logging import get_logger
-from .._systemd import sd_notify
 from ..domains import serve_admin
 from ..nursery import (
     Connection,
@@ -53,6 +53,7 @@ from ..protocol import (
     Event,
     ExecCmdline,
     ExitCode,
+    ExitStatus,
     JustExec,
     ProtocolError,
     ServiceConnect,
@@ -70,7 +71,13 @@ from ..services import (
     service_path,
 )
 from ..xen import VchanBackend, get_backend
-from ._cli import add_logging_options, run_long_lived, setup_logging
+from ._cli import (
+    Lifecycle,
+    add_lifecycle_options,
+    add_logging_options,
+    run_long_lived,
+    setup_logging,
+)
 from ._launch import hold_for_session, prepare, serve_prepared
 from ._vm_requests import RequestPaths, SetupError, VmRequests
 
@@ -95,6 +102,8 @@ class Agent:
         self.runtime_dir = runtime_dir
         self._control: FramedLink | None = None
         self._ready_sent = False
+        # A graceful stop began: dom0's new calls are refused, live ones go on.
+        self._stopping = False
         socket_path = agent_socket or os.path.join(runtime_dir, DEFAULT_SOCKET_NAME)
         # Services this agent starts are written down, so that an agent
         # restarted after a SIGKILL can end what its predecessor left running.
@@ -156,7 +165,6 @@ class Agent:
             self._control = link
             if not self._ready_sent:
                 self._ready_sent = True
-                sd_notify("READY=1")
                 task_status.started()
             while True:
                 try:
@@ -178,6 +186,11 @@ class Agent:
             self.requests.control_lost()
             with trio.CancelScope(shield=True):
                 await link.aclose()
+
+    def stop_accepting(self) -> None:
+        """A graceful stop: new calls, dom0's and this VM's own, are refused from now on."""
+        self._stopping = True
+        self.requests.stop_accepting()
 
     def _dispatch(self, connections: trio.Nursery, event: Event) -> None:
         match event:
@@ -240,7 +253,12 @@ class Agent:
         # What to run is decided first: wait-for-session holds the request
         # before the data vchan connects, as the reference does. A command
         # that cannot run is refused only on the data vchan, with its status.
-        prepared = prepare(self.runner, self.config_dirs, conn, params.cmdline)
+        if self._stopping:
+            # Refused as a command that cannot run: on the data vchan, with a
+            # status, so that the caller knows at once.
+            log.warning("agent stopping; call refused")
+        prepared = (LaunchError(ExitStatus.PROBLEM, "the agent is stopping") if self._stopping
+                    else prepare(self.runner, self.config_dirs, conn, params.cmdline))
         await hold_for_session(prepared, self.runner, timeouts=self.timeouts,
                                ledger=self.ledger)
         vchan = await conn.enter(await self.backend.connect(
@@ -288,10 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fork-server-socket", metavar="FMT",
                         help="accepted for compatibility; this agent has no fork server")
     add_logging_options(parser)
-    return parser
+    add_lifecycle_options(parser)
+    return finish_parser(
+        parser,
+        "qrexec-agent                      # as the VM's unit starts it",
+        "qrexec-agent --agent-socket /run/qrexec-trio/vm1/qrexec-agent --log-level debug")
 
 
-async def run_agent(args: argparse.Namespace) -> int:
+async def run_agent(args: argparse.Namespace, life: Lifecycle) -> int:
     timeouts = Timeouts.from_env()
     backend = get_backend(send_finish=timeouts.send_finish)
     try:
@@ -305,9 +327,15 @@ async def run_agent(args: argparse.Namespace) -> int:
         return 1
     log.info("qrexec-agent starting", domain=backend.own_domain, backend=backend.name,
              pid=os.getpid())
+    life.track(agent.registry)
+    life.on_stop(agent.stop_accepting)
+    # Nothing to reload: services and their configuration are looked up per call.
     try:
         with one_error():
-            await agent.run()
+            async with trio.open_nursery() as nursery:
+                # Ready once dom0 is connected, as the reference's agent.
+                await nursery.start(agent.run)
+                life.ready()
     except SetupError as exc:
         log.error("cannot start", error=str(exc))
         return 1
@@ -317,7 +345,7 @@ async def run_agent(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args, "qrexec-agent")
-    return run_long_lived(lambda: run_agent(args))
+    return run_long_lived(lambda life: run_agent(args, life), stop_grace=args.stop_grace)
 
 
 if __name__ == "__main__":

@@ -80,8 +80,11 @@ def build_parser() -> Parser:
         (Operand("cmdline", "CMDLINE", "USER:COMMAND or USER:QUBESRPC SERVICE[+ARG] SOURCE"),),
         description="Run a command in a VM through its qrexec-daemon, answer a VM's request, "
         "or call a dom0 service from dom0.",
+        epilog="examples:\n"
+        "  qrexec-client -d work user:'ls -l'                      # a command in VM work\n"
+        "  qrexec-client -d work DEFAULT:QUBESRPC qubes.VMShell dom0  # a service, from dom0",
         # As the reference's: usage errors exit 1.
-        usage_status=1,
+        usage_status=1, version=True,
         exclusive=[("local_command", "connect_existing", "just_exec")],
     )
 

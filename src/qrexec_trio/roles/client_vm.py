@@ -120,8 +120,12 @@ def build_parser() -> Parser:
         description="Call a qrexec service in another qube.",
         epilog="Exit status: the remote service's if non-zero, else PROG's; 126 if "
         "refused, 255 if the call died, 2 on usage errors, 1 on other local errors. "
-        "PASS_LOCAL_STDERR: PROG also gets SAVED_FD_2.",
-        usage_status=EXIT_USAGE,
+        "PASS_LOCAL_STDERR: PROG also gets SAVED_FD_2.\n\n"
+        "examples:\n"
+        "  qrexec-client-vm vault qubes.GetDate               # stdin/stdout are the call's\n"
+        "  qrexec-client-vm @dispvm qubes.OpenURL /bin/echo https://example.org/\n"
+        "  qrexec-client-vm '' qubes.Filecopy /usr/lib/qubes/qfile-agent FILE",
+        usage_status=EXIT_USAGE, version=True,
         # Options end at the first operand (getopt's "+"): PROG's own options pass through.
         stop_at_operand=True,
         exclusive=[("use_trigger_socket", "use_r2_fdpass")],
@@ -156,7 +160,10 @@ def _stdin_socket_problem() -> str | None:
     return stdin_socket_problem()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *,
+         refused_message: str = "Request refused") -> int:
+    """The program; ``qrexec-trio call`` runs it in-process with its own wording for a
+    refusal (the reference's is ``Request refused``)."""
     ensure_standard_fds()
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -173,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.buffer_size = parse_buffer_size(args.buffer_size)
         return run(args, Timeouts.from_env())
     except Refused:
-        print("Request refused", file=sys.stderr)
+        print(refused_message, file=sys.stderr)
         return int(ExitStatus.REFUSED)
     except (QrexecError, TimeoutError) as exc:
         print(f"qrexec-client-vm: {exc or type(exc).__name__}", file=sys.stderr)

@@ -29,6 +29,7 @@ import trio
 from .._config import Timeouts
 from .._defaults import DAEMON_SOCKET_DIR
 from .._errors import QrexecError
+from .._help import finish_parser
 from .._ledgers import daemon_dispvm_ledger, daemon_groups_ledger
 from .._logging import get_logger
 from .._sockets import listening_socket, serve_socket
@@ -80,7 +81,13 @@ from ..protocol import (
     substitute_default_user,
 )
 from ..xen import VchanBackend, VchanConnectTimeout, get_backend
-from ._cli import add_logging_options, run_long_lived, setup_logging
+from ._cli import (
+    Lifecycle,
+    add_lifecycle_options,
+    add_logging_options,
+    run_long_lived,
+    setup_logging,
+)
 from ._connect import ConnectError, Connector, Target
 from ._decide import (
     Decider,
@@ -188,6 +195,8 @@ class Daemon:
         self._control_up = trio.Event()
         # Why the last attempt to connect the agent failed (for the start-up timeout's message).
         self._agent_error: str | None = None
+        # Cancelled by a graceful stop: no new client, no new request of the VM.
+        self._accepting = trio.CancelScope()
 
     @property
     def socket_path(self) -> str:
@@ -336,6 +345,11 @@ class Daemon:
             log.debug("terminate for a port we did not allocate", port=port, domain=domain)
 
     async def _new_request(self, request: TriggerService, nursery: trio.Nursery) -> None:
+        if self._accepting.cancel_called:
+            log.warning("request refused: daemon stopping", request=request.request_id.decode(),
+                        service=request.service_name.decode())
+            await self.refuse(request.request_id)
+            return
         if request.request_id in self._pending:
             log.warning("request refused: its id is already in use",
                         request=request.request_id.decode())
@@ -512,7 +526,23 @@ class Daemon:
         async def client(stream: trio.SocketStream) -> None:
             await self._client(stream, next(numbers))
 
-        await serve_socket(listener, client, nursery)
+        with self._accepting:
+            try:
+                await serve_socket(listener, client, nursery)
+            finally:
+                # Stopping: a new client is refused at once, not left in the backlog.
+                listener.close()
+
+    def stop_accepting(self) -> None:
+        """A graceful stop: new clients and new VM requests are refused."""
+        self._accepting.cancel()
+
+    async def reload(self) -> str:
+        """SIGHUP: read the policy again now (a policy program has nothing cached)."""
+        await trio.lowlevel.checkpoint()
+        if isinstance(self.decider, EngineDecider):
+            return f"policy ({self.decider.reload()} rules)"
+        return ""
 
     async def _client(self, stream: trio.SocketStream, number: int) -> None:
         with structlog.contextvars.bound_contextvars(client=number):
@@ -749,7 +779,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("default_user", nargs="?", default="user",
                         help="user for DEFAULT: (default 'user')")
     add_logging_options(parser)
-    return parser
+    add_lifecycle_options(parser)
+    return finish_parser(
+        parser,
+        "qrexec-daemon 12 work            # the daemon for VM 'work', domain id 12",
+        "qrexec-daemon -D -q 12 work user # in the foreground (a unit), quietly")
 
 
 def _count(text: str) -> int:
@@ -771,7 +805,7 @@ def _decider(args: argparse.Namespace, timeouts: Timeouts) -> Decider:
     )
 
 
-async def _run_daemon(args: argparse.Namespace) -> int:
+async def _run_daemon(args: argparse.Namespace, life: Lifecycle) -> int:
     timeouts = Timeouts.from_env()
     daemon = Daemon(
         get_backend(send_finish=timeouts.send_finish),
@@ -789,6 +823,9 @@ async def _run_daemon(args: argparse.Namespace) -> int:
                  if args.qubesd_socket else None),
     )
     ready_fd = os.environ.pop(READY_FD_ENV, None)
+    life.track(daemon.registry)
+    life.on_stop(daemon.stop_accepting)
+    life.on_reload(daemon.reload)
 
     async def serve(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         await daemon.run(task_status)
@@ -805,6 +842,7 @@ async def _run_daemon(args: argparse.Namespace) -> int:
         if ready_fd is not None:
             os.write(int(ready_fd), b"1")
             os.close(int(ready_fd))
+        life.ready()
     return 0
 
 
@@ -855,7 +893,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _start_in_background(args, argv)
     setup_logging(args, "qrexec-daemon")
     structlog.contextvars.bind_contextvars(vm=args.name, domid=args.domid)
-    return run_long_lived(lambda: _run_daemon(args))
+    return run_long_lived(lambda life: _run_daemon(args, life), stop_grace=args.stop_grace)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TypeVar
 
+from .._help import finish_parser
 from .._programs import program
 
 T = TypeVar("T")
@@ -119,7 +120,7 @@ class Demo:
         result = self.qrexec_trio("call", "personal", "vault", "demo.Sign", stdin=b"x")
         _show("stderr", result.stderr)
         self.check("refused with exit 126", result.returncode == 126
-                   and b"Request refused" in result.stderr)
+                   and b"call refused" in result.stderr)
 
         self.step(4, "a DispVM call: work -> @dispvm demo.Reverse, a fresh VM for one call")
         before = self.dispvms()
@@ -194,7 +195,7 @@ def run_demo(config: Path, workdir: Path, *, verbose: bool) -> int:
     logs = None if verbose else subprocess.DEVNULL
     world = subprocess.Popen(
         [program("qrexec-trio"), "world", str(config), "--dir", str(world_dir),
-         "--log-format", "console"],
+         "--log-format", "console", *(["-v"] if verbose else [])],
         stdout=subprocess.PIPE, stderr=logs, stdin=subprocess.DEVNULL)
     demo = Demo(world_dir)
     try:
@@ -232,6 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "qrexec_trio/world/demo/demo.toml)")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show the world's logs (every connection)")
+    finish_parser(parser, "qrexec-trio demo", "qrexec-trio demo -v my-world.toml")
     args = parser.parse_args(argv)
     with contextlib.ExitStack() as stack:
         config: Path = args.config or stack.enter_context(packaged_world())

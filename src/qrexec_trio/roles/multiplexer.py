@@ -7,6 +7,10 @@ the x bit is run with ``/bin/sh``). The multiplexer replaces itself with the
 service, so whoever started it sees the service's own exit status; its stdin,
 stdout and stderr are the service's. Exit 127 if there is no such service,
 125 if it cannot be run.
+
+Its arguments are positional only, as the reference's. A lone ``--version``
+or ``--help`` cannot be a call (a call has 2 or 4 arguments), so only then
+are they read as options.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import errno
 import os
 import sys
 
+from .._options import version_line
 from ..protocol import ExitStatus, ProtocolError, RpcCall, parse_cmdline
 from ..services import LaunchError, ProgramPlan, Runner, service_path
 
@@ -23,6 +28,19 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
 USAGE = "usage: qubes-rpc-multiplexer SERVICE[+ARG] SOURCE [name|keyword TARGET]"
+HELP = f"""{USAGE}
+
+Find SERVICE[+ARG] in the service directories ($QREXEC_SERVICE_PATH) and become it.
+Exit status: the service's; 127 if there is no such service, 125 if it cannot be run.
+
+options (only as the sole argument):
+  -h, --help   show this help and exit
+  --version    print the version and exit
+
+examples:
+  qubes-rpc-multiplexer qubes.GetDate work
+  qubes-rpc-multiplexer admin.vm.List+ work keyword adminvm
+"""
 
 
 def _call(args: Sequence[str]) -> RpcCall:
@@ -34,6 +52,10 @@ def _call(args: Sequence[str]) -> RpcCall:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args in (["--version"], ["--help"], ["-h"]):
+        version = version_line("qubes-rpc-multiplexer") + "\n"
+        sys.stdout.write(version if args == ["--version"] else HELP)
+        return 0
     if len(args) not in (2, 4) or any(not arg or " " in arg for arg in args):
         print(USAGE, file=sys.stderr)
         return int(ExitStatus.PROBLEM)

@@ -37,6 +37,7 @@ from qrexec_trio.policy import (
 )
 
 from .._config import Timeouts
+from .._help import finish_parser
 from ..domains import DEFAULT_QUBESD_INTERNAL_SOCKET
 from ..nursery import CALL_FAILURES
 from ..xen import VchanError, get_backend
@@ -90,9 +91,10 @@ def _policy_parser() -> argparse.ArgumentParser:
     )
     # Every decision is logged at info: it is the audit trail.
     add_logging_options(parser, default="info")
-    parser.add_argument("source", metavar="SRC")
-    parser.add_argument("target", metavar="TARGET")
-    parser.add_argument("call_name", metavar="SERVICE[+ARG]")
+    parser.add_argument("source", metavar="SRC", help="the calling domain")
+    parser.add_argument("target", metavar="TARGET",
+                        help="the target as the caller asked for it (a name or @keyword)")
+    parser.add_argument("call_name", metavar="SERVICE[+ARG]", help="the service called")
     parser.add_argument(
         "request_id", metavar="CID", nargs="?",
         help="the request's id at SRC's daemon; with it an allowed call is connected (R2); "
@@ -101,7 +103,10 @@ def _policy_parser() -> argparse.ArgumentParser:
     parser.add_argument("--socket-dir", default=DEFAULT_SOCKET_DIR,
                         help=f"qrexec-daemon sockets, to connect the call (default "
                         f"{DEFAULT_SOCKET_DIR})")
-    return parser
+    return finish_parser(
+        parser,
+        "qrexec-policy work vault qubes.Filecopy    # print the decision",
+        "qrexec-policy --just-evaluate work @dispvm qubes.OpenURL && echo allowed")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,6 +64,7 @@ import trio
 
 from .._config import Timeouts
 from .._errors import QrexecError
+from .._help import finish_parser
 from .._logging import get_logger
 from .._programs import program
 from .._sockets import connect_unix
@@ -571,7 +572,11 @@ def build_parser() -> argparse.ArgumentParser:
         "or deny; policy.Notify writes one line on the terminal.")
     parser.add_argument("service", nargs="?", choices=(ASK_SERVICE, NOTIFY_SERVICE),
                         help="which service to be (default: $QREXEC_SERVICE_FULL_NAME)")
-    return parser
+    return finish_parser(
+        parser,
+        f"qrexec-trio policy-agent {ASK_SERVICE} < request.json   # asks on this terminal",
+        f"qrexec-trio policy-agent --help   # installed as /etc/qubes-rpc/{NOTIFY_SERVICE} "
+        "it takes its name from QREXEC_SERVICE_FULL_NAME")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -46,9 +46,8 @@ import grp
 import itertools
 import os
 import re
-import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
@@ -56,12 +55,19 @@ import structlog
 import trio
 
 from .._config import Timeouts
+from .._help import finish_parser
 from .._logging import get_logger
 from .._sockets import listening_socket, serve_socket
-from .._systemd import sd_notify
 from ..domains import DEFAULT_QUBESD_INTERNAL_SOCKET
+from ..nursery import ConnectionRegistry
 from ..policy import DEFAULT_POLICY_D, DEFAULT_R2_DIR, SystemInfo, Verdict
-from ._cli import DAEMON_STOP_SIGNALS, add_logging_options, run_long_lived, setup_logging
+from ._cli import (
+    Lifecycle,
+    add_lifecycle_options,
+    add_logging_options,
+    run_long_lived,
+    setup_logging,
+)
 from ._decide import (
     EngineDecider,
     SystemInfoSource,
@@ -348,6 +354,14 @@ class PolicyEngines:
         if self.policy_agent is not None:
             self.policy_agent.attach(nursery)
 
+    async def reload(self) -> str:
+        """SIGHUP: read the policy again now (every mode's engine); says what was read."""
+        await trio.lowlevel.checkpoint()
+        rules = [decider.reload() for decider in self._deciders.values()]
+        if not rules:
+            rules = [self.decider().reload()]
+        return f"policy ({rules[0]} rules)"
+
     def decider(self, *, assume_yes: bool = False, may_ask: bool = True) -> EngineDecider:
         assume_yes = assume_yes or self._assume_yes
         program = self._ask_program if may_ask and not assume_yes else None
@@ -573,24 +587,44 @@ def _qubes_group() -> int | None:
         return None
 
 
-async def _stop_signals_handled() -> None:
-    """Wait until run_long_lived's task handles the stop signals.
-
-    That task starts beside ours; until it runs, SIGTERM still has its default
-    action. A service manager may stop us right after READY=1: that must be a
-    clean stop, so READY=1 waits for it (a few scheduling rounds).
-    """
-    for _ in range(1000):
-        if all(signal.getsignal(signum) not in (signal.SIG_DFL, None)
-               for signum in DAEMON_STOP_SIGNALS):
-            return
-        await trio.lowlevel.checkpoint()
+async def _open_nursery(task_status: trio.TaskStatus[trio.Nursery]) -> None:
+    """A nursery for tasks that may be ended together, without what they started."""
+    async with trio.open_nursery() as nursery:
+        task_status.started(nursery)
+        await trio.sleep_forever()
 
 
-async def _serve(args: argparse.Namespace, engines: PolicyEngines, timeouts: Timeouts) -> int:
+async def _accept(sock: trio.socket.SocketType, handler: Handler,
+                  handler_nursery: trio.Nursery) -> None:
+    try:
+        await serve_socket(sock, handler, handler_nursery)
+    finally:
+        # Stopping: a new client is refused at once, not left in the backlog.
+        sock.close()
+
+
+def _tracked(registry: ConnectionRegistry, handler: Handler, kind: str,
+             numbers: Iterator[int]) -> Handler:
+    """``handler`` with each connection in ``registry`` (counted in STATUS=, waited
+    for and then cancelled at a graceful stop)."""
+
+    async def tracked(stream: trio.SocketStream) -> None:
+        # The handler closes the stream, however it ends (cancelled included).
+        async with registry.open(f"{kind}-{next(numbers)}", kind=kind):
+            await handler(stream)
+
+    return tracked
+
+
+async def _serve(args: argparse.Namespace, engines: PolicyEngines, timeouts: Timeouts,
+                 life: Lifecycle) -> int:
     daemon = PolicyDaemon(engines, timeouts)
     endpoints = _endpoints(args, daemon)
     group = _qubes_group()
+    registry = ConnectionRegistry(cleanup_timeout=timeouts.cleanup)
+    numbers = itertools.count(1)
+    life.track(registry)
+    life.on_reload(engines.reload)
     with contextlib.ExitStack() as stack:
         listening = []
         for path, handler in endpoints:
@@ -601,15 +635,19 @@ async def _serve(args: argparse.Namespace, engines: PolicyEngines, timeouts: Tim
             except OSError as exc:
                 log.error("cannot listen", socket=path, error=str(exc))
                 return 1
-            listening.append((sock, handler))
+            kind = "policy" if path == args.socket_path else "eval"
+            listening.append((sock, _tracked(registry, handler, kind, numbers)))
         async with trio.open_nursery() as nursery:
             engines.attach(nursery)  # notifications to the policy agent
+            # The accept loops in a nursery of their own, the connections in
+            # ours: a graceful stop ends the former only.
+            accepting = await nursery.start(_open_nursery)
+            life.on_stop(accepting.cancel_scope.cancel)
             for sock, handler in listening:
-                nursery.start_soon(serve_socket, sock, handler, nursery)
-            await _stop_signals_handled()
+                accepting.start_soon(_accept, sock, handler, nursery)
             log.info("policy daemon ready", sockets=[path for path, _ in endpoints],
                      policy_dir=engines.r2_dir, policy_d=engines.policy_d)
-            sd_notify("READY=1")
+            life.ready()
     return 0
 
 
@@ -634,7 +672,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="qrexec-daemon sockets, for qrexec-client to a policy agent in a "
                        f"VM (default {DEFAULT_SOCKET_DIR})")
     add_logging_options(parser)
-    return parser
+    add_lifecycle_options(parser)
+    return finish_parser(
+        parser,
+        "qrexec-policy-daemon                  # as its unit starts it",
+        "qrexec-policy-daemon --policy-d /tmp/policy.d --socket-path /tmp/policy.sock "
+        "--eval-socket-path '' --gui-socket-path ''")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -650,7 +693,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args, "qrexec-policy-daemon")
     timeouts = Timeouts.from_env()
     engines = engines_from_args(args, timeouts)
-    return run_long_lived(lambda: _serve(args, engines, timeouts))
+    return run_long_lived(lambda life: _serve(args, engines, timeouts, life),
+                          stop_grace=args.stop_grace)
 
 
 if __name__ == "__main__":

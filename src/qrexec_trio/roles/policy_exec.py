@@ -38,6 +38,7 @@ import trio
 
 from .._config import Timeouts
 from .._defaults import QUBESD_SOCKET_ENV
+from .._help import finish_parser
 from .._logging import get_logger
 from .._programs import program
 from ..domains import DEFAULT_QUBESD_SOCKET, DomainsError, QubesdDomains
@@ -87,7 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("args", nargs="*", metavar="ARG",
                         help="SOURCE TARGET SERVICE[+ARG], or DOMID SOURCE TARGET "
                         "SERVICE[+ARG] IDENT")
-    return parser
+    return finish_parser(
+        parser,
+        "qrexec-policy-exec work vault qubes.Filecopy          # print the decision",
+        "qrexec-policy-exec --just-evaluate work vault qubes.Filecopy && echo allowed")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, TextIO
 
+from qrexec_trio._help import finish_parser
 from qrexec_trio.policy import (
     DEFAULT_POLICY_D,
     DEFAULT_R2_DIR,
@@ -194,7 +195,11 @@ def _lint_parser(style: LintStyle) -> argparse.ArgumentParser:
                         help="append the offending line to each error")
     parser.add_argument("--policy-dir", metavar="D", action="append", default=[],
                         help="a directory of R2 per-service files (repeatable)")
-    return parser
+    return finish_parser(
+        parser,
+        f"{style.prog}                          # the installed policy",
+        f"{style.prog} -s /etc/qubes/policy.d/30-user.policy",
+        f"{style.prog} - < draft.policy")
 
 
 @dataclass
@@ -693,7 +698,8 @@ def _convert_parser() -> argparse.ArgumentParser:
                         f"it already holds (default: {DEFAULT_OUTPUT})")
     parser.add_argument("-n", "--dry-run", action="store_true",
                         help="check and print the converted rules; write and rename nothing")
-    return parser
+    return finish_parser(parser, f"{_PROG} -n          # show what would be written",
+                         f"{_PROG} -o 40-converted.policy")
 
 
 def _valid_output_name(name: str) -> bool:

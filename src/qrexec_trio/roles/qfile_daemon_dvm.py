@@ -17,6 +17,7 @@ import trio
 
 from .._config import Timeouts
 from .._defaults import QUBESD_SOCKET, QUBESD_SOCKET_ENV
+from .._help import finish_parser
 from .._logging import get_logger
 from .._programs import program
 from ..domains import DomainsError, QubesdDomains, disposable
@@ -46,14 +47,18 @@ async def run_in_dispvm(args: argparse.Namespace, timeouts: Timeouts) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qfile-daemon-dvm", description=__doc__)
-    parser.add_argument("service", metavar="SERVICE[+ARG]")
-    parser.add_argument("source", metavar="SRC")
-    parser.add_argument("user", metavar="USER")
+    parser.add_argument("service", metavar="SERVICE[+ARG]", help="the service to call")
+    parser.add_argument("source", metavar="SRC", help="the calling domain")
+    parser.add_argument("user", metavar="USER", help="the user the service runs as")
     parser.add_argument("--template", help="the DispVM template (default: SRC's default)")
-    parser.add_argument("--qubesd-socket", default=os.environ.get(
-        QUBESD_SOCKET_ENV, QUBESD_SOCKET))
-    parser.add_argument("--socket-dir", default=DEFAULT_SOCKET_DIR)
+    qubesd_socket = os.environ.get(QUBESD_SOCKET_ENV, QUBESD_SOCKET)
+    parser.add_argument("--qubesd-socket", default=qubesd_socket, metavar="PATH",
+                        help=f"the domain manager's admin socket (default {qubesd_socket})")
+    parser.add_argument("--socket-dir", default=DEFAULT_SOCKET_DIR, metavar="DIR",
+                        help=f"where the qrexec-daemon sockets are (default {DEFAULT_SOCKET_DIR})")
     add_logging_options(parser, default="warning")
+    finish_parser(parser, "qfile-daemon-dvm qubes.OpenInVM work user < document.pdf",
+                  "qfile-daemon-dvm --template dvm-offline qubes.OpenURL work user")
     args = parser.parse_args(argv)
     setup_logging(args, "qfile-daemon-dvm")
     timeouts = Timeouts.from_env()

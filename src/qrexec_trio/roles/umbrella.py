@@ -18,6 +18,7 @@ def _programs() -> dict[str, tuple[Callable[[list[str]], int], str]]:
         "vms": (world.vms_main, "list the domains of the running world"),
         "connections": (world.connections_main, "list the running world's live connections"),
         "kill": (world.kill_main, "cancel one live connection of the running world"),
+        "top": (_top, "watch the running world's live connections (refreshes; --once)"),
         "torture": (torture.main, "fault-injection run against a local world, with a report"),
         "daemon": (daemon.main, "qrexec-daemon (dom0, one per VM)"),
         "client": (client.main, "qrexec-client (dom0)"),
@@ -27,6 +28,12 @@ def _programs() -> dict[str, tuple[Callable[[list[str]], int], str]]:
         "policy-agent": (policy_agent.main, "policy.Ask / policy.Notify service: asks on the "
                          "terminal (install it in the domain that asks)"),
     }
+
+
+def _top(args: list[str]) -> int:
+    from . import top  # noqa: PLC0415 (it brings rich: loaded only when top runs)
+
+    return top.main(args)
 
 
 def _policy(args: list[str]) -> int:
@@ -42,7 +49,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("usage: qrexec-trio COMMAND [ARGS...]\n\ncommands:")
         for name, (_, about) in programs.items():
             print(f"  {name:<8} {about}")
-        print("  version  print the version")
+        print("  version  print the version (also: --version, here and after any COMMAND)")
+        print("\n'qrexec-trio COMMAND --help' describes each command.\n\nexamples:\n"
+              "  qrexec-trio demo\n"
+              "  qrexec-trio world examples/minimal.toml\n"
+              "  qrexec-trio run server 'echo hello'\n"
+              "  echo hi | python -m qrexec_trio call client server demo.Echo")
         return 0 if args else 1
     if args[0] in ("version", "--version"):
         print(f"qrexec-trio {__version__}")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from .._help import finish_parser
 from ._kinds import ALL_PATHS, FAULT_KINDS, CallPath, FaultKind
 
 MAX_CALLS: Final = 10_000_000
@@ -82,7 +83,8 @@ def _parser() -> argparse.ArgumentParser:
         help="keep the started world's log even when the run passes")
     add("--print-config", action="store_true",
         help="print the torture world's config (for 'qrexec-trio world') and exit")
-    return parser
+    return finish_parser(parser, "qrexec-trio torture --calls 100 --seed 1",
+                         "qrexec-trio torture --faults none --json report.json")
 
 
 def _names(parser: argparse.ArgumentParser, option: str, text: str,

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+import functools
 import itertools
 import os
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from .._sockets import has_kind
 from ..domains import DispVMLedger, Domain, DomainsError
 from ..nursery import GroupLedger, child_process, one_error
 from ._layout import WorldLayout
+from ._program_logs import ProgramLogs
 
 log = get_logger(__name__)
 
@@ -80,8 +82,11 @@ class LocalDomains:
         vchan: str,
         log_options: Sequence[str] = (),
         policy_agent: str | None = None,
+        program_logs: ProgramLogs | None = None,
     ) -> None:
         self.layout = layout
+        #: Reads the programs' logs (JSON lines on a pipe); None: they write to our stderr.
+        self.program_logs = program_logs
         #: Where the daemons' policy asks and notifies (None: their default, dom0).
         self.policy_agent = policy_agent
         self.user = user
@@ -156,12 +161,14 @@ class LocalDomains:
             raise DomainsError("QubesVMNotFoundError", f"no such domain: {name}")
         return vm
 
-    async def _kill(self, vm: LocalVM) -> None:
+    async def _kill(self, vm: LocalVM, stopped: Callable[[], object] = lambda: None) -> None:
+        """Halt ``vm``; a DispVM is then removed, after ``stopped()`` is called."""
         if vm.scope is not None:
             vm.scope.cancel()
             await vm.stopped.wait()
         else:
             await trio.lowlevel.checkpoint()
+        stopped()
         if vm.template is not None:
             del self._vms[vm.name]
             root = self.layout.vm_dir(vm.name)
@@ -175,6 +182,10 @@ class LocalDomains:
                if not k.startswith(("QREXEC", "VCHAN")) or k.startswith("QREXEC_TIMEOUT_")}
         env.update(VCHAN_DOMAIN=str(domid), VCHAN_SOCKET_DIR=str(self.layout.vchan_dir),
                    QREXEC_VCHAN=self.vchan, **extra)
+        # A VM halting in the world is a power-off: its agent and daemon end
+        # their calls at once (the world SIGKILLs a program that takes longer
+        # than kill_grace, far below a graceful stop's default grace).
+        env.setdefault("QREXEC_TIMEOUT_STOP_GRACE", "0")
         return env
 
     def _daemon_alias(self, vm: LocalVM) -> Path:
@@ -211,13 +222,20 @@ class LocalDomains:
                 vm.scope = scope
                 agent_env = self._env(vm.domid, QREXEC_SERVICE_PATH=str(vm.services_dir))
                 daemon_env = self._env(0, QREXEC_SERVICE_PATH=str(layout.dom0_services))
+                logs = self.program_logs
+                stderr = None if logs is None else subprocess.PIPE
                 async with (
                     child_process(agent_argv, timeouts=self._timeouts, env=agent_env,
-                                  stdin=subprocess.DEVNULL, stdout=None, stderr=None) as agent,
+                                  stdin=subprocess.DEVNULL, stdout=None, stderr=stderr) as agent,
                     child_process(daemon_argv, timeouts=self._timeouts, env=daemon_env,
-                                  stdin=subprocess.DEVNULL, stdout=None, stderr=None) as daemon,
+                                  stdin=subprocess.DEVNULL, stdout=None,
+                                  stderr=stderr) as daemon,
                     trio.open_nursery() as watch,
                 ):
+                    if logs is not None:
+                        for proc, name in ((agent, "qrexec-agent"), (daemon, "qrexec-daemon")):
+                            assert proc.stderr is not None
+                            watch.start_soon(logs.relay, proc.stderr, vm.name, name)
                     await self._until_callable(vm, agent, daemon)
                     log.info("vm started", vm=vm.name, domid=vm.domid)
                     task_status.started()
@@ -280,7 +298,9 @@ class LocalDomains:
             async with self._lock:
                 vm = self._vms.get(name)
                 if vm is not None and vm.template is not None:
-                    await self._kill(vm)
+                    # Forgotten once nothing of it runs, before its directory
+                    # goes: a DispVM that is gone is never still in the ledger.
+                    await self._kill(vm, functools.partial(ledger.forget, name))
                     destroyed.append(name)
             ledger.forget(name)
         ledger.remove_if_empty()

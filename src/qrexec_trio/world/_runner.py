@@ -31,8 +31,10 @@ from ..domains import Domain, serve_admin
 from ..nursery import gathering_methods
 from ..xen._registry import LOCAL_DEFAULT
 from . import ServiceSpec, WorldConfig
+from ._calls import policy_file_citer
 from ._layout import WorldLayout
 from ._local import LocalDomains, LocalVM
+from ._program_logs import ProgramLogs
 
 log = get_logger(__name__)
 
@@ -143,11 +145,14 @@ def _lay_out(config: WorldConfig, layout: WorldLayout) -> list[LocalVM]:
 
 class World:
     def __init__(self, config: WorldConfig, root: Path, *, timeouts: Timeouts,
-                 log_options: tuple[str, ...] = ()) -> None:
+                 log_options: tuple[str, ...] = (), relay_logs: bool = False) -> None:
         self.config = config
         self.layout = WorldLayout(root, group_id=_group_id(config))
         self.timeouts = timeouts
         self.log_options = log_options
+        #: Whether the programs' logs (given JSON by ``log_options``) come to the
+        #: world, which shows them as its own and says a line per call.
+        self.relay_logs = relay_logs
         #: The vchan backend of the world: $QREXEC_VCHAN, else the local default.
         self.vchan = os.environ.get("QREXEC_VCHAN") or LOCAL_DEFAULT
 
@@ -162,7 +167,8 @@ class World:
                 domains = LocalDomains(self.layout, vms, nursery, self.timeouts,
                                        user=self.config.user, vchan=self.vchan,
                                        log_options=self.log_options,
-                                       policy_agent=self.config.policy_agent)
+                                       policy_agent=self.config.policy_agent,
+                                       program_logs=self._program_logs())
                 try:
                     # The world's admin socket also lists and cuts connections:
                     # those of every daemon and agent of the world.
@@ -186,6 +192,12 @@ class World:
         finally:
             shutil.rmtree(self.layout.root, ignore_errors=True)
             log.info("world stopped", root=str(self.layout.root))
+
+    def _program_logs(self) -> ProgramLogs | None:
+        if not self.relay_logs:
+            return None
+        cite = policy_file_citer(str(self.layout.policy_d), self.config.policy_location)
+        return ProgramLogs(cite)
 
     def _write_state(self, domains: LocalDomains) -> None:
         layout = self.layout
