@@ -22,6 +22,11 @@ from harness import VM, Host, marked_processes, wait_for
 
 from .test_policy_daemon import ALLOW_VM2, c_request, start_policy_daemon
 
+#: Signals whose default action ends a process quietly: none may end a
+#: long-lived program (named here, not taken from the code under test).
+QUIET_ENDS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM, signal.SIGVTALRM,
+              signal.SIGPROF, signal.SIGIO, signal.SIGPWR, signal.SIGSTKFLT,
+              signal.SIGRTMIN, signal.SIGRTMIN + 5, signal.SIGRTMAX)
 #: systemd's watchdog timeout for the programs: a ping every 0.1 s.
 WATCHDOG_USEC = "200000"
 #: A call that says it started, then holds until its caller sends a line.
@@ -292,10 +297,13 @@ def test_a_call_finishes_across_sighup(host: Host) -> None:
         proc.send_signal(signal.SIGHUP)
     wait_for(lambda: vm.agent_events("reloaded") and vm.daemon_events("reloaded"),
              what="both programs reloaded")
-    # USR1/USR2 end nobody either.
+    # No signal whose default is to end a process quietly ends either
+    # (SIGUSR1, SIGALRM, SIGPROF, SIGIO, the real-time ones...).
     for proc in (vm.daemon, vm.agent):
-        proc.send_signal(signal.SIGUSR1)
-        proc.send_signal(signal.SIGUSR2)
+        for signum in QUIET_ENDS:
+            proc.send_signal(signum)
+    wait_for(lambda: any(e.get("signal") == "SIGRTMAX" for e in vm.agent_events("signal ignored")),
+             what="the agent's log of the signals")
     assert release(call) == (b"start\ngot go\n", 3)
     result = vm.client(f"{vm.user}:echo after")
     assert result.stdout == b"after\n", result.stderr
@@ -312,6 +320,12 @@ def test_policy_daemon_reads_the_policy_again_on_sighup(host: Host) -> None:
         wait_for(lambda: daemon.events("reloaded"), what="the reload")
         (reloaded,) = daemon.events("reloaded")
         assert reloaded["what"] == "policy (2 rules)"
+        assert daemon.ask(c_request("vm2", "test.Echo+arg")) == ALLOW_VM2
+        for signum in QUIET_ENDS:  # none of these ends it
+            daemon.proc.send_signal(signum)
+        wait_for(lambda: any(e.get("signal") == "SIGRTMAX"
+                             for e in daemon.events("signal ignored")),
+                 what="the policy daemon's log of the signals")
         assert daemon.ask(c_request("vm2", "test.Echo+arg")) == ALLOW_VM2
     finally:
         assert daemon.stop() == 0

@@ -109,8 +109,25 @@ def raise_fd_limit() -> None:
 RELOAD_SIGNAL: Final = signal.SIGHUP
 #: Signals a long-lived program takes no action on (logged): a service may
 #: send them to the agent it runs under (QREXEC_AGENT_PID is its connection's
-#: stand-in, but a service can find the agent), and none may end it.
-IGNORED_SIGNALS: Final = (signal.SIGUSR1, signal.SIGUSR2)
+#: stand-in, but a service can find the agent), and none may end it. That is
+#: every signal whose default action ends a process quietly. Left as they are:
+#: the stops (SIGTERM, SIGINT), the reload (SIGHUP), SIGKILL and SIGSTOP
+#: (uncatchable), SIGABRT (systemd's watchdog ends a stuck program with it) and
+#: the other core-dumping ones (SIGQUIT asks for a core; SIGSEGV and its kind
+#: are faults, which must not be caught and ignored).
+IGNORED_SIGNALS: Final = (
+    signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM, signal.SIGVTALRM, signal.SIGPROF,
+    signal.SIGIO, signal.SIGPWR, signal.SIGSTKFLT,
+    *range(signal.SIGRTMIN, signal.SIGRTMAX + 1),
+)
+
+
+def signal_name(signum: int) -> str:
+    """``SIGUSR1``; ``SIGRTMIN+3`` for the real-time signals enum does not name."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"SIGRTMIN+{signum - signal.SIGRTMIN}"
 #: A reload that takes longer than this is abandoned (logged; the old state stays).
 RELOAD_TIMEOUT: Final = 30.0
 #: How often a stopping program looks whether its connections are gone.
@@ -235,7 +252,7 @@ class Lifecycle:
             for signum in early_stops[:1]:
                 self._stop(nursery, signum)
             async for signum in signals:
-                name = signal.Signals(signum).name
+                name = signal_name(signum)
                 if signum in DAEMON_STOP_SIGNALS:
                     self._stop(nursery, signum)
                 elif signum == RELOAD_SIGNAL:
@@ -248,7 +265,7 @@ class Lifecycle:
                     log.info("signal ignored", signal=name)
 
     def _stop(self, nursery: trio.Nursery, signum: int) -> None:
-        name = signal.Signals(signum).name
+        name = signal_name(signum)
         if self.stop_requested.is_set():
             log.info("stop signal again: stopping now", signal=name)
             self._main_scope.cancel()
@@ -327,7 +344,7 @@ class Lifecycle:
 async def _log_ignored(signals: tuple[int, ...]) -> None:
     with trio.open_signal_receiver(*signals) as received:
         async for signum in received:
-            log.info("signal ignored", signal=signal.Signals(signum).name)
+            log.info("signal ignored", signal=signal_name(signum))
 
 
 def _no_action(signum: int, frame: object) -> None:
