@@ -43,13 +43,20 @@ CLIENT_STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 DAEMON_STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
 
 
-async def _until_signalled(scope: trio.CancelScope, received: list[int],
-                           stop_signals: tuple[int, ...]) -> None:
+async def _until_signalled(main_scope: trio.CancelScope, received: list[int],
+                           stop_signals: tuple[int, ...],
+                           task_status: trio.TaskStatus[None]) -> None:
     with trio.open_signal_receiver(*stop_signals) as signals:
+        task_status.started()
         async for signum in signals:
+            if received:
+                # Kept receiving until the program is done: a second Ctrl-C
+                # must not reach trio's default handler, which would raise
+                # KeyboardInterrupt in the middle of the (bounded) cleanup.
+                log.info("already stopping; signal ignored", signal=signal_name(signum))
+                continue
             received.append(signum)
-            scope.cancel()
-            return
+            main_scope.cancel()
 
 
 def run_until_signal(
@@ -66,11 +73,13 @@ def run_until_signal(
 
     async def runner() -> int:
         result = 0
+        main_scope = trio.CancelScope()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_until_signalled, nursery.cancel_scope, received, stop_signals)
+            await nursery.start(_until_signalled, main_scope, received, stop_signals)
             if ignored_signals:
                 nursery.start_soon(_log_ignored, ignored_signals)
-            result = await main()
+            with main_scope:
+                result = await main()
             nursery.cancel_scope.cancel()
         return result
 
