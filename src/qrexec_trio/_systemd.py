@@ -172,9 +172,13 @@ class Notifier:
             return False
         if not force and now - self._status_sent_at < self.status_interval:
             return False
+        if not self.send(f"STATUS={text}"):
+            # Dropped (systemd's queue full, say): not recorded as said, so
+            # the next tick tries again rather than leaving a stale status.
+            return False
         self._status = text
         self._status_sent_at = now
-        return self.send(f"STATUS={text}")
+        return True
 
     def _status_line(self, status: str | None) -> tuple[str, ...]:
         if status is None or self.address is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +28,12 @@ from .test_policy_daemon import ALLOW_VM2, c_request, start_policy_daemon
 QUIET_ENDS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM, signal.SIGVTALRM,
               signal.SIGPROF, signal.SIGIO, signal.SIGPWR, signal.SIGSTKFLT,
               signal.SIGRTMIN, signal.SIGRTMIN + 5, signal.SIGRTMAX)
-#: systemd's watchdog timeout for the programs: a ping every 0.1 s.
-WATCHDOG_USEC = "200000"
+#: systemd's watchdog timeout for the programs: a ping every 0.5 s. Not
+#: faster: a unix datagram queue holds only net.unix.max_dgram_qlen (10 here)
+#: messages, and pings queued while a test reads the other socket would crowd
+#: out the messages it waits for (a dropped STATUS is sent again at the next
+#: tick; a dropped STOPPING=1 is not).
+WATCHDOG_USEC = "1000000"
 #: A call that says it started, then holds until its caller sends a line.
 HOLD = 'echo start; read x; echo "got $x"; exit 3'
 
@@ -47,12 +52,29 @@ class NotifySocket:
         self.sock.settimeout(30)
 
     def until(self, done: Callable[[list[str]], bool], what: str) -> None:
-        """Receive until ``done(messages)``; fails after 30 s of silence."""
+        """Receive until ``done(messages)``; fails after 30 s (watchdog pings
+        keep coming, so silence alone would never end the wait)."""
+        deadline = time.monotonic() + 30
         while not done(self.messages):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{self.path.name}: no {what}; got {self.messages}")
+            self.sock.settimeout(left)
             try:
                 self.messages.append(self.sock.recv(4096).decode())
             except TimeoutError:
-                raise AssertionError(f"no {what}; got {self.messages}") from None
+                raise AssertionError(f"{self.path.name}: no {what}; got {self.messages}") from None
+
+    def drain(self) -> None:
+        """Read what is queued, so that the queue has room for what comes next."""
+        self.sock.setblocking(False)
+        try:
+            while True:
+                self.messages.append(self.sock.recv(4096).decode())
+        except BlockingIOError:
+            pass
+        finally:
+            self.sock.settimeout(30)
 
     def until_message(self, prefix: str) -> None:
         start = len(self.messages)
@@ -193,6 +215,8 @@ def test_a_call_finishes_across_sigterm(host: Host, monkeypatch: pytest.MonkeyPa
     # The live call is counted in the status each program reports.
     for sock in (agent_notify, daemon_notify):
         sock.until_message("STATUS=serving; 1 live connection (1 running)")
+    for sock in (agent_notify, daemon_notify):
+        sock.drain()
     for proc in (vm.daemon, vm.agent):
         proc.send_signal(signal.SIGTERM)
     wait_for(lambda: vm.agent_events("stopping; live connections may finish")

@@ -302,3 +302,24 @@ async def test_stop_and_reload_notify(listener: tuple[socket.socket, str],
     assert got == ["READY=1", "STATUS=serving", "RELOADING=1", "READY=1", "STATUS=serving",
                    "STOPPING=1"]
     assert reloads == [1] and stopped == [True]
+
+
+def test_a_dropped_status_is_sent_again_once_the_queue_has_room(
+        listener: tuple[socket.socket, str]) -> None:
+    """A full queue (systemd busy, many watchdog pings) must not leave a stale
+    status for good: the status loop's next tick sends it."""
+    sock, path = listener
+    notifier = Notifier(path)
+    with capture_logs():
+        while notifier.ping():  # fill the queue
+            pass
+        assert not notifier.status("1 live", now=100.0)
+        sock.setblocking(False)
+        while True:  # systemd catches up
+            try:
+                sock.recv(256)
+            except BlockingIOError:
+                break
+        assert notifier.status("1 live", now=101.0)
+    assert sock.recv(256) == b"STATUS=1 live"
+    notifier.close()
