@@ -146,9 +146,7 @@ class Notifier:
         assert self.address is not None
         return "@" + self.address[1:] if self.address.startswith("\0") else self.address
 
-    def ready(self, status: str | None = None) -> bool:
-        if status is not None:
-            self._status = status
+    def ready(self) -> bool:
         return self.send("READY=1")
 
     def stopping(self, status: str | None = None) -> bool:
@@ -191,15 +189,3 @@ class Notifier:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-
-
-def sd_notify(state: str) -> bool:
-    """Send ``state`` (e.g. ``"READY=1"``) to systemd; False when not under systemd.
-
-    One-off, leaving the environment alone; long-lived programs use a :class:`Notifier`.
-    """
-    notifier = Notifier.from_environ(unset=False)
-    try:
-        return notifier.send(state)
-    finally:
-        notifier.close()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import signal
 import socket
 import time
@@ -21,7 +20,6 @@ from qrexec_trio._systemd import (
     Notifier,
     monotonic_usec,
     notify_address,
-    sd_notify,
     watchdog_interval,
 )
 from qrexec_trio.nursery import ConnectionRegistry
@@ -196,17 +194,6 @@ def test_full_socket_drops_instead_of_blocking(listener: tuple[socket.socket, st
         sent = [notifier.send("X" * 1000) for _ in range(5000)]
     assert sent[0] and not sent[-1]
     notifier.close()
-
-
-def test_sd_notify_leaves_the_environment(listener: tuple[socket.socket, str],
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    sock, path = listener
-    monkeypatch.setenv("NOTIFY_SOCKET", path)
-    assert sd_notify("READY=1")
-    assert sock.recv(256) == b"READY=1"
-    assert os.environ["NOTIFY_SOCKET"] == path
-    monkeypatch.delenv("NOTIFY_SOCKET")
-    assert not sd_notify("READY=1")
 
 
 def test_monotonic_usec_is_the_monotonic_clock() -> None:

@@ -61,10 +61,8 @@ async def _until_signalled(main_scope: trio.CancelScope, received: list[int],
 
 def run_until_signal(
     main: Callable[[], Awaitable[int]], *, stopped_status: int | None = None,
-    stop_signals: tuple[int, ...] = CLIENT_STOP_SIGNALS,
-    ignored_signals: tuple[int, ...] = (),
 ) -> int:
-    """Run ``main`` under trio; ``stop_signals`` cancel it cleanly.
+    """Run ``main`` under trio; :data:`CLIENT_STOP_SIGNALS` cancel it cleanly.
 
     Returns ``main``'s result, or if signal N stopped it ``stopped_status``
     (daemons: a requested stop is a clean exit) or else 128+N.
@@ -75,9 +73,7 @@ def run_until_signal(
         result = 0
         main_scope = trio.CancelScope()
         async with trio.open_nursery() as nursery:
-            await nursery.start(_until_signalled, main_scope, received, stop_signals)
-            if ignored_signals:
-                nursery.start_soon(_log_ignored, ignored_signals)
+            await nursery.start(_until_signalled, main_scope, received, CLIENT_STOP_SIGNALS)
             with main_scope:
                 result = await main()
             nursery.cancel_scope.cancel()
@@ -348,12 +344,6 @@ class Lifecycle:
         while True:
             self.notifier.ping()
             await trio.sleep(interval)
-
-
-async def _log_ignored(signals: tuple[int, ...]) -> None:
-    with trio.open_signal_receiver(*signals) as received:
-        async for signum in received:
-            log.info("signal ignored", signal=signal_name(signum))
 
 
 def _no_action(signum: int, frame: object) -> None:
