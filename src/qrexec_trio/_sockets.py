@@ -101,18 +101,26 @@ async def serve_socket(
     for their claim). ``SocketListener`` already retries ECONNABORTED and
     friends; out of fds or memory, we wait ``backoff`` and try again rather
     than spin or die.
+
+    When serving ends (cancelled: a graceful stop, the program's end), ``sock``
+    is closed at once: a client connecting later is refused, not left in the
+    backlog waiting for an accept that will never come.
     """
     listener = trio.SocketListener(sock)
-    while True:
-        try:
-            stream = await listener.accept()
-        except OSError as exc:
-            if exc.errno not in _CAPACITY_ERRNOS:
-                raise
-            log.error("accept failed; backing off", error=str(exc), socket=sock.getsockname())
-            await trio.sleep(backoff)
-            continue
-        handler_nursery.start_soon(handler, stream)
+    try:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _CAPACITY_ERRNOS:
+                    raise
+                log.error("accept failed; backing off", error=str(exc),
+                          socket=sock.getsockname())
+                await trio.sleep(backoff)
+                continue
+            handler_nursery.start_soon(handler, stream)
+    finally:
+        sock.close()
 
 
 # -- the client side -------------------------------------------------------------------

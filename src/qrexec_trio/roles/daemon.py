@@ -526,12 +526,10 @@ class Daemon:
         async def client(stream: trio.SocketStream) -> None:
             await self._client(stream, next(numbers))
 
+        # Stopping ends serve_socket, which closes the listener: a new client
+        # is refused at once.
         with self._accepting:
-            try:
-                await serve_socket(listener, client, nursery)
-            finally:
-                # Stopping: a new client is refused at once, not left in the backlog.
-                listener.close()
+            await serve_socket(listener, client, nursery)
 
     def stop_accepting(self) -> None:
         """A graceful stop: new clients and new VM requests are refused."""

@@ -594,15 +594,6 @@ async def _open_nursery(task_status: trio.TaskStatus[trio.Nursery]) -> None:
         await trio.sleep_forever()
 
 
-async def _accept(sock: trio.socket.SocketType, handler: Handler,
-                  handler_nursery: trio.Nursery) -> None:
-    try:
-        await serve_socket(sock, handler, handler_nursery)
-    finally:
-        # Stopping: a new client is refused at once, not left in the backlog.
-        sock.close()
-
-
 def _tracked(registry: ConnectionRegistry, handler: Handler, kind: str,
              numbers: Iterator[int]) -> Handler:
     """``handler`` with each connection in ``registry`` (counted in STATUS=, waited
@@ -644,7 +635,7 @@ async def _serve(args: argparse.Namespace, engines: PolicyEngines, timeouts: Tim
             accepting = await nursery.start(_open_nursery)
             life.on_stop(accepting.cancel_scope.cancel)
             for sock, handler in listening:
-                accepting.start_soon(_accept, sock, handler, nursery)
+                accepting.start_soon(serve_socket, sock, handler, nursery)
             log.info("policy daemon ready", sockets=[path for path, _ in endpoints],
                      policy_dir=engines.r2_dir, policy_d=engines.policy_d)
             life.ready()
