@@ -150,11 +150,10 @@ class Notifier:
         return self.send("READY=1")
 
     def stopping(self, status: str | None = None) -> bool:
-        return self.send("STOPPING=1", *self._status_line(status))
+        return self._send_with_status(status, "STOPPING=1")
 
     def reloading(self, status: str | None = None) -> bool:
-        return self.send("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec()}",
-                         *self._status_line(status))
+        return self._send_with_status(status, "RELOADING=1", f"MONOTONIC_USEC={monotonic_usec()}")
 
     def ping(self) -> bool:
         """``WATCHDOG=1``: the event loop is alive."""
@@ -170,20 +169,19 @@ class Notifier:
             return False
         if not force and now - self._status_sent_at < self.status_interval:
             return False
-        if not self.send(f"STATUS={text}"):
-            # Dropped (systemd's queue full, say): not recorded as said, so
-            # the next tick tries again rather than leaving a stale status.
-            return False
-        self._status = text
-        self._status_sent_at = now
-        return True
+        return self._send_with_status(text, now=now)
 
-    def _status_line(self, status: str | None) -> tuple[str, ...]:
-        if status is None or self.address is None:
-            return ()
-        self._status = status
-        self._status_sent_at = time.monotonic()
-        return (f"STATUS={status}",)
+    def _send_with_status(self, status: str | None, *assignments: str,
+                          now: float | None = None) -> bool:
+        """Send ``assignments`` and ``STATUS=status``; the status counts as said only
+        if the datagram went (dropped on a full queue, the next tick says it again)."""
+        lines = assignments if status is None else (*assignments, f"STATUS={status}")
+        if not self.send(*lines):
+            return False
+        if status is not None:
+            self._status = status
+            self._status_sent_at = time.monotonic() if now is None else now
+        return True
 
     def close(self) -> None:
         if self._sock is not None:

@@ -310,3 +310,22 @@ def test_a_dropped_status_is_sent_again_once_the_queue_has_room(
         assert notifier.status("1 live", now=101.0)
     assert sock.recv(256) == b"STATUS=1 live"
     notifier.close()
+
+
+def test_a_status_dropped_with_stopping_is_not_taken_as_said(
+        listener: tuple[socket.socket, str]) -> None:
+    sock, path = listener
+    notifier = Notifier(path)
+    with capture_logs():
+        while notifier.ping():  # fill the queue
+            pass
+        assert not notifier.stopping("stopping; 1 live connection")
+        sock.setblocking(False)
+        while True:
+            try:
+                sock.recv(256)
+            except BlockingIOError:
+                break
+        assert notifier.status("stopping; 1 live connection", now=time.monotonic() + 10)
+    assert sock.recv(256) == b"STATUS=stopping; 1 live connection"
+    notifier.close()
